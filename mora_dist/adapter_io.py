@@ -1,0 +1,129 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, PEFT-style keys, global tensors.
+
+Our keys: ``base_model.model.<module>.mora_M`` (the global ``(r_hat, r_hat)`` matrix, whatever the TP size) and
+``base_model.model.<module>.<param>`` for ``modules_to_save``. ``load_mora`` also reads the MoRA authors' PEFT
+fork (``"use_mora": true`` in the config, the matrix under ``lora_A.weight``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mora_dist.config import MoRAConfig
+from mora_dist.errors import AdapterLoadError
+from mora_dist.model import apply_mora, mora_layers
+from mora_dist.targeting import plan_modules_to_save
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def mora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Global adapter tensors keyed as in the file (gathers tensor-parallel shards: call on every rank)."""
+    state = {f"{PREFIX}{name}.mora_M": layer.get_global_M().cpu() for name, layer in mora_layers(model)}
+    config: MoRAConfig = model.mora_config
+    for name in plan_modules_to_save(model, config.modules_to_save):
+        for pname, p in model.get_submodule(name).named_parameters():
+            state[f"{PREFIX}{name}.{pname}"] = p.detach().cpu()
+    return state
+
+
+def save_mora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter to directory ``path`` atomically (a temp dir renamed into place). Collective under TP."""
+    config: MoRAConfig = model.mora_config
+    state = {k: v.contiguous() for k, v in mora_state_dict(model).items()}
+    if not _is_rank0():
+        return
+    types = {layer.mora_type for _, layer in mora_layers(model)}
+    values = config.to_dict()
+    values["mora_type"] = types.pop() if len(types) == 1 else config.mora_type  # ReMoRA may have switched it
+    values["peft_type"] = "MORA"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(values, indent=2, sort_keys=True))
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "mora_dist"})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[MoRAConfig, bool]:
+    """``(config, is_authors_format)`` from ``path/adapter_config.json``."""
+    values = json.loads((Path(path) / CONFIG_NAME).read_text())
+    if values.get("use_mora"):
+        config = MoRAConfig(
+            r=int(values["r"]),
+            mora_type=int(values.get("mora_type", 1)),
+            target_modules=values["target_modules"],
+            dropout=float(values.get("lora_dropout", 0.0) or 0.0),
+            modules_to_save=values.get("modules_to_save"),
+        )
+        return config, True
+    values.pop("peft_type", None)
+    return MoRAConfig.from_dict(values), False
+
+
+def load_mora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter into ``model`` (applying MoRA first if the model has none) and return the model.
+
+    Raises ``AdapterLoadError`` naming the module and both shapes when the file does not fit the model.
+    """
+    config, authors = read_adapter_config(path)
+    if not any(True for _ in mora_layers(model)):
+        apply_mora(model, config)
+    else:
+        for _, layer in mora_layers(model):
+            layer.set_mora_type(config.mora_type)
+    state = load_file(str(Path(path) / WEIGHTS_NAME))
+    suffix = ".lora_A.weight" if authors else ".mora_M"
+    matrices = {k[len(PREFIX) : -len(suffix)]: v for k, v in state.items() if k.endswith(suffix)}
+    layers = dict(mora_layers(model))
+    missing = sorted(set(layers) - set(matrices))
+    if missing:
+        raise AdapterLoadError(f"adapter at {path} has no matrix for module(s) {missing[:5]}; was it saved from this model?")
+    for name, M in matrices.items():
+        if name not in layers:
+            raise AdapterLoadError(f"adapter at {path} has a matrix for {name!r}, which is not a MoRA layer of the model")
+        expected = (layers[name].r_hat, layers[name].r_hat)
+        if tuple(M.shape) != expected:
+            raise AdapterLoadError(
+                f"module {name!r}: adapter matrix has shape {tuple(M.shape)}, the model's layer expects {expected} "
+                f"(different in/out features or r); load it into the model it was trained on"
+            )
+        layers[name].set_global_M(M)
+    if not authors:
+        params = dict(model.named_parameters())
+        for key, value in state.items():
+            name = key[len(PREFIX) :]
+            if key.endswith(".mora_M"):
+                continue
+            if name not in params:
+                raise AdapterLoadError(f"adapter at {path} saves {name!r}, which the model does not have")
+            if params[name].shape != value.shape:
+                raise AdapterLoadError(
+                    f"module parameter {name!r}: adapter has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}"
+                )
+            with torch.no_grad():
+                params[name].copy_(value)
+    return model

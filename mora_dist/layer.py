@@ -1,0 +1,145 @@
+"""``MoRALinear``: a frozen ``nn.Linear`` plus MoRA's square matrix. Math in :mod:`mora_dist.operators`.
+
+Spec: §2.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from mora_dist.config import resolve_dtype, resolve_mora_type
+from mora_dist.operators import MoRAOperator, check_r_hat, compute_r_hat
+
+logger = logging.getLogger(__name__)
+
+
+class MoRALayerMixin:
+    """What every MoRA wrapper (HF linear, Megatron column/row) shares: the matrix, the operator, merging.
+
+    Subclasses set ``self.base_layer``, ``self.operator`` and ``self.mora_M`` (the local part of ``M``), and
+    implement ``_base_weight_shard()``, the frozen weight this rank adds its ``dW`` shard to.
+    """
+
+    base_layer: nn.Module
+    operator: MoRAOperator
+    mora_M: nn.Parameter
+    mora_dropout: nn.Module
+
+    @property
+    def r_hat(self) -> int:
+        return self.operator.r_hat
+
+    @property
+    def mora_type(self) -> int:
+        return self.operator.mora_type
+
+    def adapter_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + D(M C(dropout(x)))`` for local ``x: (..., k_local)``, ``y: (..., d_local)``."""
+        return self.operator.forward(self.mora_dropout(x), self.mora_M, y)
+
+    def delta_weight(self) -> torch.Tensor:
+        """This rank's ``dW: (d_local, k_local)`` in fp32 (or the matrix's dtype if wider). Spec: §2.4."""
+        return self.operator.delta_weight(self.mora_M)
+
+    @torch.no_grad()
+    def merge(self, reinit: bool = True) -> None:
+        """``W += dW`` in fp32 then cast back; zero ``M`` if ``reinit``. Local only: no communication."""
+        weight = self._base_weight_shard()
+        delta = self.delta_weight().to(weight.device)
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        if reinit:
+            self.mora_M.zero_()
+
+    def get_global_M(self) -> torch.Tensor:
+        """The global ``(r_hat, r_hat)`` matrix (tensor-parallel layers gather their shards)."""
+        return self.mora_M.detach().clone()
+
+    @torch.no_grad()
+    def set_global_M(self, M: torch.Tensor) -> None:
+        """Load the global ``(r_hat, r_hat)`` matrix (tensor-parallel layers keep their shard of it)."""
+        self.mora_M.copy_(M.to(self.mora_M.dtype))
+
+    def set_mora_type(self, mora_type: int | str) -> None:
+        """Switch the operators (ReMoRA). ``M`` keeps its shape; call after a merge, when ``M`` is zero.
+
+        Raises ``MoRAConfigError`` if ``r_hat`` cannot serve the new type (an odd ``r_hat`` for rope). Spec: §3.
+        """
+        new_type = resolve_mora_type(mora_type)
+        if new_type == self.mora_type:
+            return
+        self.operator = self._make_operator(new_type)
+
+    def _make_operator(self, mora_type: int) -> MoRAOperator:
+        raise NotImplementedError
+
+    def _base_weight_shard(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MoRALinear(MoRALayerMixin, nn.Module):
+    """``y = x W^T + b + D(M C(dropout(x)))`` around a frozen ``nn.Linear``; equivalently ``y = x (W + dW)^T + b``.
+
+    Only ``mora_M: (r_hat, r_hat)`` is trainable, zero at start; it is kept in ``mora_dtype`` (fp32 by default)
+    even when the base runs in bf16. ``x: (..., k)``, ``y: (..., d)``.
+
+    Args:
+        base_layer: the ``nn.Linear`` to adapt (with or without bias); frozen by this wrapper.
+        r: LoRA-equivalent rank (ignored when ``r_hat`` is given).
+        mora_type: 1, 2, 3, 4, 6 or a name.
+        r_hat: side of the square matrix, instead of ``r``.
+        dropout: dropout on ``x`` before compression.
+        mora_dtype: dtype of ``M`` and of the adapter arithmetic.
+
+    Spec: §2.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int = 8,
+        mora_type: int | str = 6,
+        r_hat: int | None = None,
+        dropout: float = 0.0,
+        *,
+        mora_dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        mora_type = resolve_mora_type(mora_type)
+        k, d = base_layer.in_features, base_layer.out_features
+        if r_hat is None:
+            r_hat = compute_r_hat(k, d, r, mora_type)
+        check_r_hat(k, d, r_hat, mora_type)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = k, d
+        base_layer.requires_grad_(False)
+        self.operator = self._make_operator(mora_type, r_hat)
+        device = base_layer.weight.device
+        self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, dtype=resolve_dtype(mora_dtype), device=device))
+        self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _make_operator(self, mora_type: int, r_hat: int | None = None) -> MoRAOperator:
+        r_hat = self.operator.r_hat if r_hat is None else r_hat
+        return MoRAOperator(self.in_features, self.out_features, r_hat, mora_type)
+
+    def _base_weight_shard(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (so code that reads ``.weight`` of a linear layer keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter_delta(x, self.base_layer(x))
+
+    def extra_repr(self) -> str:
+        return f"r_hat={self.r_hat}, mora_type={self.mora_type}, M_dtype={self.mora_M.dtype}"

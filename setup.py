@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mora_dist",
+    version="0.1.0",
+    description="MoRA and ReMoRA for distributed LLM pretraining with DeepSpeed and megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mora_dist", "mora_dist.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.16",
+        "transformers>=4.45",
+        "datasets>=3.0",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        # pydantic validates the launcher's JSON config; deepspeed already requires it.
+        "pydantic>=2.0",
+    ],
+    extras_require={
+        # tokenizers trains the tiny BPE used by tests and the tiny config; matplotlib draws the result plots.
+        "test": ["pytest>=7", "tokenizers>=0.15", "matplotlib>=3.7"],
+    },
+)
