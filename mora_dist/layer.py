@@ -121,6 +121,7 @@ class MoRALinear(MoRALayerMixin, nn.Module):
         device = base_layer.weight.device
         self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, dtype=resolve_dtype(mora_dtype), device=device))
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base_layer.training)  # a wrapper made for an eval-mode model must not start dropping out
 
     def _make_operator(self, mora_type: int, r_hat: int | None = None) -> MoRAOperator:
         r_hat = self.operator.r_hat if r_hat is None else r_hat

@@ -29,6 +29,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=lora_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=lora_dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base_layer.training)
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -42,8 +43,9 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
-        """``(alpha/r) B A: (d, k)`` in fp32."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        """``(alpha/r) B A: (d, k)`` in at least fp32."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -53,7 +55,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, reinit: bool = True) -> None:
         weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        delta = self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
         if reinit:
             self.reset_lora_parameters()
 

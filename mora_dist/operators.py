@@ -39,7 +39,7 @@ def compute_r_hat(in_features: int, out_features: int, r: int, mora_type: int | 
 
 def check_r_hat(in_features: int, out_features: int, r_hat: int, mora_type: int, where: str = "") -> None:
     """Raise if ``r_hat`` cannot work for a ``(out_features, in_features)`` layer of this type."""
-    place = f" for {where}" if where else ""
+    place = f" for layer {where!r}" if where else ""
     if r_hat < 1:
         raise MoRAConfigError(f"r_hat={r_hat}{place} must be positive; raise r or give a positive r_hat")
     if mora_type == 6 and (r_hat < 2 or r_hat % 2):

@@ -24,52 +24,46 @@ def _groups(size: int, r_hat: int) -> list[int]:
 
 
 def compression_matrix(k: int, r_hat: int, mora_type: int) -> torch.Tensor:
-    """``(rows, k)``: ``r_hat`` rows, or ``n * r_hat`` rows (rotated blocks) for type 6."""
+    """``C: (rows, k)``: ``r_hat`` rows, or ``n * r_hat`` rows (the rotated blocks, stacked) for type 6."""
     n = math.ceil(k / r_hat)
-    if mora_type in (2, 3):
+    if mora_type in (2, 3):  # block-sum
         C = torch.zeros(r_hat, k, dtype=torch.float64)
         for j, group in enumerate(_groups(k, r_hat)):
             C[group, j] = 1.0
         return C
-    pad = torch.zeros(n * r_hat, k, dtype=torch.float64)  # x'_t = x_(t mod k)
-    for t in range(n * r_hat):
-        pad[t, t % k] = 1.0
-    if mora_type in (1, 4):
-        S = torch.zeros(r_hat, n * r_hat, dtype=torch.float64)
+    if mora_type in (1, 4):  # stride-sum over the wrap-padded input x'_t = x_(t mod k)
+        C = torch.zeros(r_hat, k, dtype=torch.float64)
         for t in range(n * r_hat):
-            S[t % r_hat, t] = 1.0
-        return S @ pad
-    R = torch.zeros(n * r_hat, n * r_hat, dtype=torch.float64)
+            C[t % r_hat, t % k] += 1.0
+        return C
+    # rotate-reshape: row c*r_hat + i of C is (R_c x'_c)_i = x'_i cos(phi) + s_i sin(phi)
+    C = torch.zeros(n * r_hat, k, dtype=torch.float64)
     half = r_hat // 2
     for c in range(n):
         for i in range(r_hat):
             phi = c * 10000.0 ** (-2 * (i % half) / r_hat)
-            row = c * r_hat + i
-            R[row, row] += math.cos(phi)
+            t = c * r_hat + i
             partner = c * r_hat + (i + half if i < half else i - half)
-            R[row, partner] += (-1.0 if i < half else 1.0) * math.sin(phi)
-    return R @ pad
+            C[t, t % k] += math.cos(phi)
+            C[t, partner % k] += (-1.0 if i < half else 1.0) * math.sin(phi)
+    return C
 
 
-def decompression_matrix(d: int, r_hat: int, mora_type: int, k: int) -> torch.Tensor:
-    """``(d, cols)`` with ``cols = r_hat``, or ``n * r_hat`` for type 6."""
-    if mora_type in (2, 4):
-        D = torch.zeros(d, r_hat, dtype=torch.float64)
-        for o, group in enumerate(_groups(d, r_hat)):
-            D[o, group] = 1.0
-        return D
-    width = r_hat if mora_type != 6 else math.ceil(k / r_hat) * r_hat
-    D = torch.zeros(d, width, dtype=torch.float64)
-    for o in range(d):
-        D[o, o % width] = 1.0
-    return D
+def decompression_rows(d: int, r_hat: int, mora_type: int, k: int) -> list[int]:
+    """Column of the single 1 in each row of the 0/1 decompression matrix ``D: (d, width)``."""
+    if mora_type in (2, 4):  # interleave
+        return _groups(d, r_hat)
+    width = r_hat if mora_type != 6 else math.ceil(k / r_hat) * r_hat  # tile
+    return [o % width for o in range(d)]
 
 
 def dense_delta(M: torch.Tensor, k: int, d: int, mora_type: int) -> torch.Tensor:
-    """``dW = D blockdiag(M, ...) C`` in float64, ``(d, k)``."""
+    """``dW = D blockdiag(M, ...) C``, ``(d, k)``, differentiable in ``M``; float64 unless ``M`` is wider."""
     r_hat = M.shape[0]
     M = M.to(torch.float64)
     C = compression_matrix(k, r_hat, mora_type)
-    if mora_type == 6:
-        M = torch.block_diag(*[M] * math.ceil(k / r_hat))
-    return decompression_matrix(d, r_hat, mora_type, k) @ M @ C
+    if mora_type == 6:  # blockdiag(M, ..., M) @ C, one block at a time
+        Z = torch.cat([M @ C[c * r_hat : (c + 1) * r_hat] for c in range(math.ceil(k / r_hat))])
+    else:
+        Z = M @ C
+    return Z[decompression_rows(d, r_hat, mora_type, k)]
