@@ -1,0 +1,99 @@
+"""Metrics: a ``MetricLogger`` protocol, a TensorBoard sink (rank 0 only), and the rank-0 progress line.
+
+Tags: ``train/loss``, ``train/perplexity``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_second``,
+``train/tokens_seen``, ``eval/<source>/loss``, ``eval/loss``, ``remora/merges`` and whatever figures the
+callbacks report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """Where scalars go. Implementations ignore calls on ranks that do not write."""
+
+    def log(self, tag: str, value: float, step: int) -> None: ...
+
+    def log_dict(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    """Drops everything (ranks other than 0, or TensorBoard disabled)."""
+
+    def log(self, tag: str, value: float, step: int) -> None:
+        return None
+
+    def log_dict(self, values: Mapping[str, float], step: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class TensorBoardLogger:
+    """Scalars to TensorBoard event files in ``log_dir``; flushed after each ``log_dict`` so a killed run keeps
+    everything it logged up to its last step."""
+
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def log(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, float(value), step)
+
+    def log_dict(self, values: Mapping[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_metric_logger(*, rank: int, enabled: bool, log_dir: str) -> MetricLogger:
+    """TensorBoard on rank 0 when ``enabled``, else a ``NullLogger``."""
+    return TensorBoardLogger(log_dir) if enabled and rank == 0 else NullLogger()
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped so a diverged loss logs a large finite number."""
+    return math.exp(min(loss, 50.0))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ProgressLine:
+    """``step 12/200 | loss 5.231 | lr 1.0e-03 | 3.1k tok/s | ETA 1m02s`` on rank 0 via ``logging``.
+
+    Throughput and ETA count only steps run by this process (a resumed run does not count restored steps).
+    """
+
+    def __init__(self, *, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.total, self.start, self.enabled = total_steps, start_step, enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, *, loss: float, lr: float, tokens_per_second: float, extra: str = "") -> str:
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_second / 1e3:.1f}k tok/s"
+                f" | ETA {_duration(eta) if math.isfinite(eta) else '?'}{' | ' + extra if extra else ''}")
+        if self.enabled:
+            logger.info("%s", line)
+        return line
