@@ -1,0 +1,121 @@
+"""Pretraining and continual pretraining with MoRA / ReMoRA (or LoRA / ReLoRA / full-rank baselines).
+
+Commands::
+
+    deepspeed launch/pretrain.py --config configs/remora_tiny.json                 # 2-core CPU, ~2 minutes
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/remora_tiny.json
+    deepspeed --hostfile hosts launch/pretrain.py --config configs/remora_250m.json --set data.sources.0.path=/c4
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/remora_250m_megatron_tp2.json
+    deepspeed launch/pretrain.py --config configs/remora_tiny.json --resume        # continue after a kill
+
+``--set key.sub=value`` overrides any field (JSON values; lists indexed as ``data.sources.0.weight``). The
+config is validated, against the world size too, before any process group exists; ``--check`` stops there.
+Outputs go to ``training.output_dir``: ``config.json`` (resolved), ``tokenizer/``, ``checkpoints/`` (atomic, the
+last ``keep_last`` kept) and ``tensorboard/``. Export with ``launch/export.py``.
+
+Spec: §3, §4, §5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mora_dist.errors import MoRAConfigError  # noqa: E402
+from mora_dist.run.checkpoint import clean_stale, latest_tag, list_checkpoints  # noqa: E402
+from mora_dist.run.config import RunConfig, RunConfigError, check_world, load_run_config  # noqa: E402
+
+logger = logging.getLogger("mora_dist.pretrain")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="JSON run config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.max_steps=20 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
+    """Everything that can be checked before a process group: the config, the world size, the output dir."""
+    cfg = load_run_config(args.config, args.set)
+    accum = check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    ckpt_dir = Path(cfg.training.output_dir) / "checkpoints"
+    if not args.resume and list_checkpoints(ckpt_dir):
+        raise RunConfigError(f"training.output_dir={cfg.training.output_dir!r} already holds checkpoints: pass "
+                             "--resume to continue that run, or choose a new output_dir")
+    return cfg, accum
+
+
+def setup_logging(cfg: RunConfig, rank: int) -> None:
+    level = getattr(logging, cfg.logging.level) if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s] [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_run_files(cfg: RunConfig, tokenizer, vocab_size: int) -> None:
+    """Rank 0: the resolved config (vocab size filled in) and the tokenizer, which export reads."""
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    values = cfg.model_dump(mode="json")
+    values["model"]["vocab_size"] = vocab_size
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(json.dumps(values, indent=2))
+    os.replace(tmp, out / "config.json")
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, accum = validate(args)
+    except MoRAConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config OK: method={cfg.method}, backend={cfg.model.backend}, gradient_accumulation_steps={accum}")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch.distributed as dist
+
+    from mora_dist.run import build, loop
+
+    build.init_distributed()
+    rank = dist.get_rank()
+    setup_logging(cfg, rank)
+    import datasets
+
+    datasets.disable_progress_bars()
+    backend = loop.make_backend(cfg)
+    tokenizer = build.build_tokenizer(cfg)
+    vocab_size = cfg.model.vocab_size or len(tokenizer)
+    if rank == 0:
+        write_run_files(cfg, tokenizer, vocab_size)
+        clean_stale(Path(cfg.training.output_dir) / "checkpoints")
+    dist.barrier()
+    engine, callbacks = backend.build(cfg, vocab_size, tokenizer.eos_token_id, accum)
+    trainer = loop.Trainer(cfg, engine, callbacks, backend, resume=args.resume and latest_tag(
+        Path(cfg.training.output_dir) / "checkpoints") is not None)
+    start = time.perf_counter()
+    trainer.run(tokenizer)
+    logger.info("finished %d steps in %.1fs", cfg.training.max_steps, time.perf_counter() - start)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Weighted mixtures of packed sources, as a pure function of the global sample index.
+
+Sample ``i`` of the training stream comes from source ``s(i)``, drawn with the mixture weights from a generator
+seeded by ``(seed, i // BLOCK)``, and is the ``j``-th sample that source has given, ``j = #{i' < i: s(i') = s}``.
+A source yields its samples in a seeded per-epoch permutation (map-style) or in its (buffer-shuffled) streaming
+order, epoch after epoch. So the whole order is fixed by the config: resuming at sample ``i`` needs only ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+
+BLOCK = 4096
+
+
+class Mixture:
+    """Source assignment of global sample indices. ``weights`` need not sum to 1."""
+
+    def __init__(self, weights: Sequence[float], *, seed: int) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or len(w) == 0 or (w <= 0).any():
+            raise ValueError(f"mixture weights {list(weights)} must be positive")
+        self.p = w / w.sum()
+        self.seed = seed
+        # _cum[b] = per-source counts of samples before block b (grown on demand).
+        self._cum: list[np.ndarray] = [np.zeros(len(w), dtype=np.int64)]
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.p)
+
+    def _block(self, b: int) -> np.ndarray:
+        if self.num_sources == 1:
+            return np.zeros(BLOCK, dtype=np.int64)
+        return np.random.default_rng([self.seed, b]).choice(self.num_sources, size=BLOCK, p=self.p)
+
+    def _counts_before_block(self, b: int) -> np.ndarray:
+        while len(self._cum) <= b:
+            n = len(self._cum) - 1
+            self._cum.append(self._cum[n] + np.bincount(self._block(n), minlength=self.num_sources))
+        return self._cum[b]
+
+    def assign(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(source, index_in_source)`` of global samples ``start .. start+count-1``, each ``(count,)``."""
+        b0, off = divmod(start, BLOCK)
+        blocks = [self._block(b) for b in range(b0, (start + count - 1) // BLOCK + 1)]
+        src = np.concatenate(blocks)[off : off + count]
+        before = self._counts_before_block(b0) + np.bincount(blocks[0][:off], minlength=self.num_sources)
+        idx = np.empty(count, dtype=np.int64)
+        for s in range(self.num_sources):
+            mask = src == s
+            idx[mask] = before[s] + np.arange(mask.sum())
+        return src, idx
+
+
+class MapReader:
+    """Sample ``j`` of a map-style source: epoch ``j // n`` in a permutation seeded by ``(seed, epoch)``."""
+
+    def __init__(self, ds: datasets.Dataset, *, seed: int, shuffle: bool = True) -> None:
+        if len(ds) == 0:
+            raise ValueError("a data source has no training blocks after the held-out split: give it more text, "
+                             "a shorter data.seq_len or fewer eval_blocks")
+        self.ds, self.seed, self.shuffle = ds, seed, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            n = len(self.ds)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._perms = {epoch: perm}  # keep one epoch: indices only move forward
+        return self._perms[epoch]
+
+    def get(self, js: Sequence[int]) -> list[list[int]]:
+        n = len(self.ds)
+        rows = [int(self._perm(j // n)[j % n]) for j in js]
+        return self.ds[rows]["input_ids"]
+
+
+class StreamReader:
+    """Sample ``j`` of a streaming source, read forward (resuming fast-forwards through the stream); restarts
+    with the next epoch's shuffle when the stream ends. ``j`` must not decrease between calls."""
+
+    def __init__(self, ds: datasets.IterableDataset, *, seed: int, shuffle: bool = True, buffer: int = 10_000):
+        self.ds = ds.shuffle(seed=seed, buffer_size=buffer) if shuffle else ds
+        self._epoch, self._cursor, self._it = 0, 0, None
+
+    def _next(self) -> list[int]:
+        while True:
+            if self._it is None:
+                self.ds.set_epoch(self._epoch)
+                self._it = iter(self.ds)
+            try:
+                return next(self._it)["input_ids"]
+            except StopIteration:
+                if self._cursor == 0 and self._epoch == 0:
+                    raise ValueError("a streaming data source gave no training blocks") from None
+                self._epoch, self._it = self._epoch + 1, None
+
+    def get(self, js: Sequence[int]) -> list[list[int]]:
+        out = []
+        for j in js:
+            if j < self._cursor:
+                raise ValueError(f"StreamReader reads forward only: asked for sample {j} after {self._cursor}")
+            while self._cursor < j:
+                self._next()
+                self._cursor += 1
+            out.append(self._next())
+            self._cursor += 1
+        return out
+
+
+def split_eval(ds: datasets.Dataset | datasets.IterableDataset, eval_blocks: int):
+    """``(train, eval_list)``: the first ``eval_blocks`` packed blocks are held out (materialised as lists)."""
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.skip(eval_blocks), [row["input_ids"] for row in ds.take(eval_blocks)]
+    n = min(eval_blocks, len(ds))
+    return ds.select(range(n, len(ds))), ds.select(range(n))["input_ids"]

@@ -1,0 +1,63 @@
+"""Deterministic split of the global sample stream over data-parallel ranks, and the resume point.
+
+Micro-batch ``k`` of rank ``r`` holds global samples ``(k * dp + r) * micro + e`` for ``e < micro``: the ranks
+read interleaved contiguous slices, and after ``n`` optimizer steps exactly ``n * global_batch`` samples (a
+prefix of the stream) are consumed. Resuming at that prefix continues with the very next sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from mora_dist.data.mixture import Mixture
+
+
+class ShardedBatches:
+    """Infinite iterator of this rank's micro-batches ``(input_ids: (micro, seq_len) long, sources: (micro,))``.
+
+    Args:
+        mixture: source assignment of the global stream.
+        readers: one reader per source (``get(js) -> list of blocks``).
+        micro_batch_size: samples per micro-batch and rank.
+        dp_rank: this rank's data-parallel index.
+        dp_size: data-parallel world size.
+        start_sample: global samples already consumed (a multiple of ``dp_size * micro_batch_size``).
+    """
+
+    def __init__(self, mixture: Mixture, readers: Sequence, *, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 start_sample: int = 0) -> None:
+        per_round = dp_size * micro_batch_size
+        if start_sample % per_round:
+            raise ValueError(f"start_sample={start_sample} is not a multiple of dp_size x micro_batch_size = "
+                             f"{per_round}; resume from a checkpoint of a run with the same batch layout")
+        self.mixture, self.readers = mixture, readers
+        self.micro, self.rank, self.dp = micro_batch_size, dp_rank, dp_size
+        self.k = start_sample // per_round
+
+    @property
+    def samples_consumed(self) -> int:
+        """Global samples consumed by all ranks up to this rank's next micro-batch."""
+        return self.k * self.dp * self.micro
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = (self.k * self.dp + self.rank) * self.micro
+        src, idx = self.mixture.assign(start, self.micro)
+        rows: list[list[int] | None] = [None] * self.micro
+        for s in range(self.mixture.num_sources):
+            where = [e for e in range(self.micro) if src[e] == s]
+            if where:
+                for e, block in zip(where, self.readers[s].get([int(idx[e]) for e in where]), strict=True):
+                    rows[e] = block
+        self.k += 1
+        return torch.tensor(rows, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)
+
+
+def eval_shard(blocks: Sequence[list[int]], *, dp_rank: int, dp_size: int, micro_batch_size: int) -> list[torch.Tensor]:
+    """This rank's share (``blocks[r::dp]``) of a held-out set, as ``(<=micro, seq_len)`` batches."""
+    mine = list(blocks[dp_rank::dp_size])
+    return [torch.tensor(mine[i : i + micro_batch_size], dtype=torch.long) for i in range(0, len(mine), micro_batch_size)]

@@ -1,0 +1,237 @@
+"""Config -> runtime objects: process group, tokenizer, data, model with adapters, DeepSpeed engine, callbacks.
+
+Each ``build_*`` takes the validated :class:`~mora_dist.run.config.RunConfig` and returns plain objects; the
+launcher (``launch/pretrain.py``) only wires them into the loop. Spec: §3, §5.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mora_dist.data import (
+    MapReader,
+    Mixture,
+    ShardedBatches,
+    StreamReader,
+    load_text_source,
+    load_tokenizer,
+    split_eval,
+    tokenize_and_pack,
+    train_tokenizer,
+)
+from mora_dist.run.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def patch_deepspeed_for_cpu() -> None:
+    """On a machine without CUDA, stop DeepSpeed from JIT-compiling its shared-memory comm op (C++, about a
+    minute per fresh machine) when the process group starts; gloo does the collectives instead.
+
+    Call before ``deepspeed.init_distributed``. Patches one module attribute of ``deepspeed.comm.torch`` (which
+    ``import deepspeed.comm.torch`` cannot reach: ``deepspeed.comm`` re-exports ``torch`` under that name).
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_distributed() -> None:
+    """``deepspeed.init_distributed`` with NCCL on GPUs, gloo (one intra-op thread per local rank) on CPU."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        deepspeed.init_distributed(dist_backend="nccl")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return
+    patch_deepspeed_for_cpu()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_tokenizer(cfg: RunConfig):
+    """Load ``data.tokenizer``; train it from the sources first if it is missing (rank 0, others wait)."""
+    path = Path(cfg.data.tokenizer)
+    if not path.exists():
+        if dist.get_rank() == 0:
+            sources = [_raw_source(cfg, s) for s in cfg.data.sources]
+            train_tokenizer((row["text"] for ds in sources for row in ds), cfg.data.tokenizer_vocab_size, path)
+        dist.barrier()
+    return load_tokenizer(path)
+
+
+def _raw_source(cfg: RunConfig, s):
+    return load_text_source(path=s.path, hub=s.hub, hub_config=s.hub_config, split=s.split, fmt=s.format,
+                            text_field=s.text_field, streaming=cfg.data.streaming, cache_dir=cfg.data.cache_dir)
+
+
+@dataclass
+class Data:
+    """The training stream of this rank and the held-out blocks of every source (name -> blocks)."""
+
+    train: ShardedBatches
+    eval_sets: dict[str, list[list[int]]]
+
+
+def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_sample: int) -> Data:
+    """Tokenise, pack and split every source (rank 0 first, so the others read its cache), then the mixture."""
+    readers, eval_sets = [], {}
+    for first in (True, False):
+        if first == (dist.get_rank() == 0):
+            for s in cfg.data.sources:
+                packed = tokenize_and_pack(_raw_source(cfg, s), tokenizer, cfg.data.seq_len,
+                                           num_proc=cfg.data.num_proc)
+                train, held_out = split_eval(packed, s.eval_blocks)
+                seed = cfg.training.seed * 1009 + len(readers)
+                if cfg.data.streaming:
+                    readers.append(StreamReader(train, seed=seed, shuffle=cfg.data.shuffle,
+                                                buffer=cfg.data.shuffle_buffer))
+                else:
+                    readers.append(MapReader(train, seed=seed, shuffle=cfg.data.shuffle))
+                eval_sets[s.name] = held_out
+        dist.barrier()
+    mixture = Mixture([s.weight for s in cfg.data.sources], seed=cfg.training.seed)
+    train = ShardedBatches(mixture, readers, micro_batch_size=cfg.training.micro_batch_size, dp_rank=dp_rank,
+                           dp_size=dp_size, start_sample=start_sample)
+    return Data(train=train, eval_sets=eval_sets)
+
+
+def build_hf_model(cfg: RunConfig, vocab_size: int, eos_token_id: int) -> nn.Module:
+    """A Llama from the model section (or the local checkpoint ``model.pretrained``) with the adapters applied.
+
+    Seeded by ``training.seed`` so every rank builds the same initial weights.
+    """
+    import transformers
+
+    m = cfg.model
+    torch.manual_seed(cfg.training.seed)
+    if m.pretrained is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(m.pretrained, dtype=_DTYPES[m.dtype])
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    else:
+        a = m.arch()
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+            num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"],
+            num_key_value_heads=a["num_kv_heads"], max_position_embeddings=cfg.data.seq_len,
+            rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        )
+        model = transformers.LlamaForCausalLM(config).to(_DTYPES[m.dtype])
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return apply_adapters(cfg, model)
+
+
+def apply_adapters(cfg: RunConfig, model: nn.Module) -> nn.Module:
+    """MoRA, LoRA or nothing (full-rank), as the config says."""
+    if cfg.mora is not None:
+        from mora_dist.model import apply_mora
+
+        apply_mora(model, cfg.mora)
+    elif cfg.lora is not None:
+        from mora_dist.lora import apply_lora
+
+        lo = cfg.lora
+        apply_lora(model, lo.target_modules, r=lo.r, lora_alpha=lo.lora_alpha, dropout=lo.dropout,
+                   exclude_modules=lo.exclude_modules, modules_to_save=lo.modules_to_save)
+    return model
+
+
+def deepspeed_config(cfg: RunConfig, accum: int) -> dict[str, Any]:
+    """The user's DeepSpeed section plus what the other sections decide (batch, optimizer, clipping, dtype)."""
+    ds = cfg.deepspeed_dict()
+    t, o = cfg.training, cfg.optimizer
+    ds.update(
+        train_batch_size=t.global_batch_size,
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        gradient_clipping=t.max_grad_norm,
+        optimizer={"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                "weight_decay": o.weight_decay, "torch_adam": o.torch_adam}},
+    )
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    if cfg.model.dtype == "bfloat16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif cfg.model.dtype == "float16":
+        ds.setdefault("fp16", {"enabled": True})
+    return ds
+
+
+class _WarmupCosine:
+    """``min(1, s / W) `` then cosine from 1 to ``floor`` over the rest (``constant``: no decay)."""
+
+    def __init__(self, warmup: int, total: int, floor: float, decay: bool) -> None:
+        self.warmup, self.total, self.floor, self.decay = warmup, total, floor, decay
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        if not self.decay:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduler_factory(cfg: RunConfig):
+    """A callable ``optimizer -> LR scheduler`` for ``deepspeed.initialize(lr_scheduler=...)``. Spec: §3.1."""
+    s, t = cfg.scheduler, cfg.training
+    restart = cfg.remora or cfg.relora
+    if s.name == "jagged_cosine":
+        from mora_dist.training.schedulers import JaggedCosineLR
+
+        return lambda opt: JaggedCosineLR(opt, total_steps=t.max_steps, first_warmup=s.warmup_steps,
+                                          restart_warmup=s.restart_warmup_steps, cycle_length=restart.merge_every,
+                                          min_lr_ratio=s.min_lr_ratio)
+    factor = _WarmupCosine(s.warmup_steps, t.max_steps, s.min_lr_ratio, decay=s.name == "cosine")
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def build_callbacks(cfg: RunConfig):
+    """``CallbackList`` with the ReMoRA or ReLoRA callback (empty for plain MoRA / LoRA / full-rank)."""
+    from mora_dist.training.callbacks import CallbackList
+
+    callbacks = []
+    restart_warmup = cfg.scheduler.restart_warmup_steps if cfg.scheduler.name == "jagged_cosine" else 0
+    for section, name in ((cfg.remora, "ReMoRACallback"), (cfg.relora, "ReLoRACallback")):
+        if section is None:
+            continue
+        from mora_dist.training import remora
+
+        reset: Any = "full" if section.optimizer_reset == "full" else {"method": section.optimizer_reset,
+                                                                        "ratio": section.prune_ratio}
+        kwargs = dict(merge_every=section.merge_every, optimizer_reset=reset, restart_warmup=restart_warmup,
+                      seed=cfg.training.seed)
+        if name == "ReMoRACallback":
+            kwargs["type_cycle"] = tuple(section.mora_types)
+        callbacks.append(getattr(remora, name)(**kwargs))
+    return CallbackList(callbacks)
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, accum: int, *, mpu: Any = None):
+    """``deepspeed.initialize`` on the trainable parameters; returns the engine."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
+                                           config=deepspeed_config(cfg, accum),
+                                           lr_scheduler=scheduler_factory(cfg), mpu=mpu)
+    return engine

@@ -1,0 +1,103 @@
+"""Atomic DeepSpeed checkpoints, the last N kept, and resume from the latest.
+
+DeepSpeed writes a tag folder and then overwrites ``latest`` in place. Here every rank writes into a hidden
+``.tmp-<tag>`` folder (``save_latest=False``); after a barrier rank 0 renames it to ``<tag>`` and replaces
+``latest`` through a temp file and ``os.replace``. A run killed at any moment leaves either the previous
+checkpoint as ``latest`` or the new one, complete; stale temp folders are removed at the next start.
+The client state carries what DeepSpeed does not know: the step, the samples consumed, and the callbacks' state
+(ReMoRA's merge count and type cycle position).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of the complete checkpoints in ``save_dir``, oldest first."""
+    p = Path(save_dir)
+    if not p.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in p.iterdir() if d.is_dir() and (m := _TAG.match(d.name))]
+    return sorted(found)
+
+
+def latest_tag(save_dir: str | os.PathLike) -> str | None:
+    """The tag named by ``latest`` if its folder exists, else ``None``."""
+    path = Path(save_dir) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    return tag if (Path(save_dir) / tag).is_dir() else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def clean_stale(save_dir: str | os.PathLike) -> None:
+    """Remove temp folders left by a run killed while saving (rank 0, before training starts)."""
+    p = Path(save_dir)
+    if p.is_dir():
+        for d in p.iterdir():
+            if d.name.startswith(TMP_PREFIX):
+                logger.info("removing incomplete checkpoint %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def save_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_state: dict[str, Any], *,
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically (collective: every rank calls it); keep the newest ``keep_last``.
+
+    Returns the final folder.
+    """
+    save_dir = Path(save_dir)
+    tag = tag_for(step)
+    tmp_tag = TMP_PREFIX + tag
+    engine.save_checkpoint(str(save_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    final = save_dir / tag
+    if dist.get_rank() == 0:
+        if final.exists():  # a previous run died after this rename but before ``latest``: replace it
+            shutil.rmtree(final)
+        os.replace(save_dir / tmp_tag, final)
+        _write_atomic(save_dir / LATEST, tag)
+        for _, old in list_checkpoints(save_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Load the checkpoint named by ``latest`` into ``engine``; its client state, or ``None`` if there is none."""
+    tag = latest_tag(save_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {save_dir}")
+    logger.info("resumed from %s (step %s)", path, client_state.get("step"))
+    return client_state

@@ -1,0 +1,155 @@
+"""The training loop behind ``launch/pretrain.py``: steps, evaluation per source, metrics, checkpoints, resume.
+
+A backend (Hugging Face here, megatron-core in :mod:`mora_dist.run.megatron`) builds the engine and computes the
+loss of a batch; the loop is the same for both. Order within a step (the order ReMoRA's exactly-once merge
+relies on): ``engine.step()`` for every micro-batch, ``callbacks.on_step_end`` (merges), metrics, evaluation,
+checkpoint. Spec: §3, §5.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mora_dist.run import build
+from mora_dist.run.checkpoint import load_latest, save_checkpoint
+from mora_dist.run.config import RunConfig
+from mora_dist.training.callbacks import CLIENT_STATE_KEY
+from mora_dist.training.metrics import ProgressLine, make_metric_logger, perplexity
+
+logger = logging.getLogger(__name__)
+
+
+class HFBackend:
+    """Hugging Face causal LM, data parallel over the whole world (ZeRO 0-3)."""
+
+    def __init__(self) -> None:
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.dp_group = None
+
+    def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int):
+        model = build.build_hf_model(cfg, vocab_size, eos_token_id)
+        from mora_dist.model import trainable_summary
+
+        logger.info("%s (%s)", trainable_summary(model), cfg.method)
+        return build.build_engine(cfg, model, accum), build.build_callbacks(cfg)
+
+    def loss(self, engine: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean next-token loss of ``input_ids: (b, s)`` and the number of predicted tokens ``b * (s - 1)``."""
+        input_ids = input_ids.to(build.device())
+        out = engine(input_ids=input_ids, labels=input_ids)
+        return out.loss, input_ids.numel() - input_ids.shape[0]
+
+
+def make_backend(cfg: RunConfig):
+    if cfg.model.backend == "megatron":
+        from mora_dist.run.megatron import MegatronBackend
+
+        return MegatronBackend(cfg)
+    return HFBackend()
+
+
+class Trainer:
+    """Runs ``training.max_steps`` optimizer steps from scratch or from the latest checkpoint."""
+
+    def __init__(self, cfg: RunConfig, engine: Any, callbacks: Any, backend: Any, *, resume: bool) -> None:
+        self.cfg, self.engine, self.callbacks, self.backend = cfg, engine, callbacks, backend
+        out = Path(cfg.training.output_dir)
+        self.ckpt_dir = out / "checkpoints"
+        self.rank = dist.get_rank()
+        self.metrics = make_metric_logger(rank=self.rank, enabled=cfg.logging.tensorboard,
+                                          log_dir=cfg.logging.log_dir or str(out / "tensorboard"))
+        self.step, self.tokens_seen = 0, 0
+        if resume:
+            state = load_latest(engine, self.ckpt_dir)
+            self.callbacks.load_state_dict(state.pop(CLIENT_STATE_KEY))
+            self.callbacks.on_load(engine, state)
+            self.step = int(state["step"])
+            self.tokens_seen = int(state["tokens_seen"])
+            if state["samples_consumed"] != self.step * cfg.training.global_batch_size:
+                raise RuntimeError(f"checkpoint at step {self.step} consumed {state['samples_consumed']} samples, "
+                                   f"not step x global_batch_size; resume with the same training batch sizes")
+
+    def _client_state(self) -> dict[str, Any]:
+        state = {"step": self.step, "samples_consumed": self.step * self.cfg.training.global_batch_size,
+                 "tokens_seen": self.tokens_seen}
+        self.callbacks.on_save(self.engine, state)
+        state[CLIENT_STATE_KEY] = self.callbacks.state_dict()
+        return state
+
+    def _mean_over_dp(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.backend.dp_group)
+        return (t / self.backend.dp_size).tolist()
+
+    @torch.no_grad()
+    def evaluate(self, eval_sets: dict[str, list[list[int]]]) -> dict[str, float]:
+        """Token-weighted loss on every source's held-out blocks (split over data-parallel ranks)."""
+        from mora_dist.data import eval_shard
+
+        self.engine.eval()
+        sums = []
+        for blocks in eval_sets.values():
+            loss_sum, count = 0.0, 0
+            for batch in eval_shard(blocks, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
+                                    micro_batch_size=self.cfg.training.micro_batch_size):
+                loss, n = self.backend.loss(self.engine, batch)
+                loss_sum, count = loss_sum + float(loss) * n, count + n
+            sums.extend([loss_sum, count])
+        self.engine.train()
+        t = torch.tensor(sums, dtype=torch.float64)
+        dist.all_reduce(t, group=self.backend.dp_group)
+        out = {f"eval/{name}/loss": float(t[2 * i] / max(t[2 * i + 1], 1)) for i, name in enumerate(eval_sets)}
+        out["eval/loss"] = float(t[0::2].sum() / max(t[1::2].sum(), 1))
+        out["eval/perplexity"] = perplexity(out["eval/loss"])
+        return out
+
+    def run(self, tokenizer) -> None:
+        cfg, t, engine = self.cfg, self.cfg.training, self.engine
+        data = build.build_data(cfg, tokenizer, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
+                                start_sample=self.step * t.global_batch_size)
+        self.callbacks.on_train_begin(engine)
+        accum = engine.gradient_accumulation_steps()
+        progress = ProgressLine(total_steps=t.max_steps, start_step=self.step,
+                                enabled=self.rank == 0 and cfg.logging.progress == "line")
+        if self.step == 0 and t.eval_interval:
+            self.metrics.log_dict(self.evaluate(data.eval_sets), 0)
+        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            losses = []
+            for _ in range(accum):
+                batch, _sources = next(data.train)
+                loss, _ = self.backend.loss(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+            self.step = int(engine.global_steps)
+            self.tokens_seen += tokens_per_step
+            logs = self.callbacks.on_step_end(engine) or {}
+            (loss,) = self._mean_over_dp([sum(losses) / len(losses)])
+            elapsed = time.perf_counter() - start
+            lr = engine.get_lr()[0]
+            grad_norm = engine.get_global_grad_norm()
+            if self.step % t.log_interval == 0 or logs:
+                logs.update({"train/loss": loss, "train/perplexity": perplexity(loss), "train/lr": lr,
+                             "train/tokens_per_second": tokens_per_step / elapsed,
+                             "train/tokens_seen": self.tokens_seen})
+                if grad_norm is not None:
+                    logs["train/grad_norm"] = float(grad_norm)
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
+                logs.update(self.evaluate(data.eval_sets))
+            if logs:
+                self.metrics.log_dict(logs, self.step)
+            extra = f"eval {logs['eval/loss']:.4f}" if "eval/loss" in logs else ""
+            if "remora/merges" in logs or "relora/merges" in logs:
+                extra += " | merged"
+            progress.update(self.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / elapsed, extra=extra)
+            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
+                save_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
+        self.metrics.close()
