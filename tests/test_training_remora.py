@@ -168,3 +168,133 @@ def test_merge_resets_every_copy_bf16_all_zero_stages():
     """The same in bf16, where the module copy is bf16 and the fp32 master lives in DeepSpeed's flat buffers
     (FP16 unfused optimizer at stage 0, ZeRO 1-3); the output after the merge matches within bf16 rounding of W."""
     _check_merge_results(run_workers(_merge_matrix_worker, 2, [(0, True), (1, True), (2, True), (3, True)]))
+
+
+def _resume_worker(ckpt_dir):
+    from mora_dist.training.callbacks import CallbackList
+    from mora_dist.training.schedulers import JaggedCosineLR
+
+    rank = _init()
+
+    def scheduler(opt):
+        return JaggedCosineLR(opt, total_steps=12, first_warmup=2, restart_warmup=2, cycle_length=4)
+
+    def run(engine, callbacks, steps, save_at=None):
+        record = {}
+        for step in steps:
+            loss = _train_step(engine, step, rank)
+            callbacks.on_step_end(engine)
+            record[step] = (loss, engine.get_lr()[0])
+            if step == save_at:
+                callbacks.save_checkpoint(engine, ckpt_dir, tag=f"step{step}")
+        return record
+
+    engine = _build_engine(stage=2, bf16=False, scheduler=scheduler)
+    first = ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=2)
+    callbacks = CallbackList([first])
+    callbacks.on_train_begin(engine)
+    full = run(engine, callbacks, range(1, 13), save_at=6)
+    W_full = _module_value(_first_layer(engine)._base_weight_shard())
+
+    # Roll the same, already stepped engine back to step 6 (in-process recovery): DeepSpeed re-links the ZeRO-2
+    # fragments on load without their optimizer state; the merge at 8 must still reset the loaded moments.
+    rollback = CallbackList([ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=2)])
+    rollback.load_checkpoint(engine, ckpt_dir, tag="step6")
+    rolled = run(engine, rollback, range(7, 13))
+
+    # A fresh engine built from another seed: base weights, M, moments, schedule and callback state must all
+    # come from the checkpoint. Resuming at 6 replays the merges at 8 and 12, which the first run also did.
+    engine = _build_engine(stage=2, bf16=False, scheduler=scheduler, seed=1)
+    second = ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=2)
+    callbacks = CallbackList([second])
+    callbacks.load_checkpoint(engine, ckpt_dir, tag="step6")
+    callbacks.on_train_begin(engine)
+    resumed_state = {"global_steps": engine.global_steps, "type": _first_layer(engine).mora_type,
+                     "merged_steps": list(second.merged_steps)}
+    resumed = run(engine, callbacks, range(7, 13))
+    repeat = callbacks.on_step_end(engine)
+    W_resumed = _module_value(_first_layer(engine)._base_weight_shard())
+    return {"full": full, "resumed": resumed, "rolled": rolled, "resumed_state": resumed_state, "repeat": repeat,
+            "merged_full": first.merged_steps, "merged_resumed": second.merged_steps,
+            "W_diff": float((W_full - W_resumed).abs().max()), "type_end": _first_layer(engine).mora_type}
+
+
+def test_resume_mid_cycle_reproduces_uninterrupted_run(tmp_path):
+    """12 steps, merges every 4, checkpoint at 6: a run resumed from 6 (fresh engine, other seed) reproduces steps
+    7-12 and merges 8 and 12 exactly once; so does the first engine rolled back to step 6 in-process. Catches callback state or type not restored, a schedule that does not
+    resume, a merge replayed twice or skipped, and DeepSpeed 0.19 dropping ZeRO-2's optimizer-state links when a
+    stepped engine loads a checkpoint (the reset at step 8 would fail)."""
+    results = run_workers(_resume_worker, 2, str(tmp_path))
+    for r in results:
+        assert r["resumed_state"] == {"global_steps": 6, "type": 2, "merged_steps": [4]}
+        assert r["merged_full"] == [4, 8, 12] and r["merged_resumed"] == [4, 8, 12]
+        assert r["repeat"] in (None, {})
+        for step in range(7, 13):
+            loss_full, lr_full = r["full"][step]
+            for kind in ("resumed", "rolled"):
+                loss_resumed, lr_resumed = r[kind][step]
+                assert abs(loss_full - loss_resumed) <= 1e-6, (kind, step, loss_full, loss_resumed)
+                assert lr_full == pytest.approx(lr_resumed, abs=1e-12), (kind, step)
+        assert r["W_diff"] <= 1e-6
+        assert r["type_end"] == 2  # 1 -> 2 at step 4, -> 1 at 8, -> 2 at 12
+
+
+def _relora_worker(cases):
+    from mora_dist.lora import lora_layers
+    from mora_dist.training import zero_state
+    from mora_dist.training.callbacks import CallbackList
+
+    rank = _init()
+    out = {}
+    for stage, bf16, reset in cases:
+        engine = _build_engine(stage=stage, bf16=bf16, adapter="lora", persistence=0 if stage == 3 else None)
+        cb = ReLoRACallback(merge_every=3, optimizer_reset=reset, restart_warmup=0, seed=7)
+        callbacks = CallbackList([cb])
+        callbacks.on_train_begin(engine)
+        layer = next(iter(lora_layers(engine.module)))[1]
+        A, B = layer.lora_A, layer.lora_B
+        for step in range(1, 4):
+            _train_step(engine, step, rank)
+            if step < 3:
+                callbacks.on_step_end(engine)
+        before = _logits(engine)
+        A_old = _module_value(A)
+        metrics = callbacks.on_step_end(engine)
+        after = _logits(engine)
+        r = {
+            "metrics": metrics,
+            "out_diff": float((after - before).abs().max()),
+            "B_module": float(_module_value(B).abs().max()),
+            "B_master": float(zero_state.get_full(engine.optimizer, B).abs().max()),
+            "A_master_vs_module": float((zero_state.get_full(engine.optimizer, A) - _module_value(A)).abs().max()),
+            "A_changed": float((_module_value(A) - A_old).abs().max()),
+            "A_sum": float(zero_state.get_full(engine.optimizer, A).double().sum()),
+        }
+        _train_step(engine, 4, rank)
+        r["B_step_max"] = float(zero_state.get_full(engine.optimizer, B).abs().max())
+        out[f"zero{stage}-{'bf16' if bf16 else 'fp32'}-{reset if isinstance(reset, str) else reset['method']}"] = r
+    return out
+
+
+def test_relora_restart_reinitialises_A_zeroes_B_and_prunes_moments():
+    """ReLoRA baseline: after a restart the function is unchanged, B is zero and A is the new kaiming draw in the
+    module and in the fp32 master (identical on both ranks), and the moments are pruned by the asked ratio.
+    Catches an A re-drawn only in the module (the master would copy the old A back) and rank-dependent draws."""
+    cases = [(1, False, {"method": "random", "ratio": 0.999}), (3, True, {"method": "magnitude", "ratio": 0.9})]
+    results = run_workers(_relora_worker, 2, cases)
+    for rank_result in results:
+        for name, r in rank_result.items():
+            bf16 = "bf16" in name
+            assert r["out_diff"] <= (2e-2 if bf16 else 1e-5), (name, r["out_diff"])
+            assert r["B_module"] == 0.0 and r["B_master"] == 0.0, (name, r)
+            assert r["A_master_vs_module"] <= (4e-3 if bf16 else 0.0), (name, r)
+            assert r["A_changed"] > 1e-2, name
+            assert 0 < r["B_step_max"], name
+            fraction = r["metrics"]["relora/zeroed_fraction"]
+            if "random" in name:
+                assert fraction >= 0.99, (name, fraction)
+            else:
+                assert 0.89 <= fraction <= 0.95, (name, fraction)
+            assert r["metrics"]["relora/merges"] == 1.0
+    for name in results[0]:
+        assert results[0][name]["A_sum"] == results[1][name]["A_sum"], name

@@ -14,8 +14,9 @@ rank with the same value.
 
 Facts of DeepSpeed 0.19 this relies on: ``safe_set_full_*`` under ZeRO-3 slices the unpadded value and fails
 when ``p.numel()`` is not divisible by the partition count, so ZeRO-3 writes go through ``safe_set_local_*``
-with this rank's padded slice; after ``load_checkpoint`` ZeRO-1/2/BF16 re-link ``_hp_mapping`` without the
-optimizer-state fragments, which :func:`ensure_state_linked` restores.
+with this rank's padded slice; when an engine that has already stepped loads a checkpoint, ZeRO-1/2/BF16
+re-link ``_hp_mapping`` without the optimizer-state fragments (the setters then fail with a ``TypeError``),
+which :func:`ensure_state_linked` restores.
 
 Spec: §5.
 """
@@ -60,8 +61,9 @@ def _inner_state(optimizer: Any) -> dict:
 
 
 def ensure_state_linked(optimizer: Any) -> None:
-    """Re-link ZeRO-1/2/BF16 optimizer-state fragments after ``load_checkpoint`` dropped them (DeepSpeed 0.19
-    rebuilds ``_hp_mapping`` there but keeps ``_hp_optimizer_states_linked=True``)."""
+    """Re-link ZeRO-1/2/BF16 optimizer-state fragments after ``load_checkpoint`` dropped them: DeepSpeed 0.19
+    rebuilds ``_hp_mapping`` there but, in an engine that has already stepped, keeps
+    ``_hp_optimizer_states_linked=True`` so the next step does not link them again."""
     groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
     if groups is None or not getattr(optimizer, "_hp_optimizer_states_linked", False):
         return
