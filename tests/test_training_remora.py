@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
 from distributed import patch_deepspeed_for_cpu, run_workers
+
 from mora_dist.errors import MoRAConfigError
-from mora_dist.training.remora import ReLoRACallback, ReMoRACallback, parse_optimizer_reset, prune_moment
+from mora_dist.training.remora import (
+    ReLoRACallback,
+    ReMoRACallback,
+    parse_optimizer_reset,
+    prune_moment,
+)
 
 LR = 1e-2
 VOCAB = 96
@@ -26,8 +29,8 @@ def _init():
 
 def _build_engine(*, stage, bf16, adapter="mora", scheduler=None, persistence=None, seed=0):
     import deepspeed
-
     from conftest import tiny_llama
+
     from mora_dist import MoRAConfig, apply_mora
     from mora_dist.lora import apply_lora
 
@@ -298,3 +301,131 @@ def test_relora_restart_reinitialises_A_zeroes_B_and_prunes_moments():
             assert r["metrics"]["relora/merges"] == 1.0
     for name in results[0]:
         assert results[0][name]["A_sum"] == results[1][name]["A_sum"], name
+
+
+# In-process checks (no DeepSpeed engine): configuration errors, pruning, the merge guard, a plain torch optimizer.
+
+
+def _plain_setup(*, merge_every=2, restart_warmup=0, scheduler=None, mora_type=1):
+    from conftest import tiny_llama
+
+    from mora_dist import MoRAConfig, apply_mora
+    from mora_dist.training.callbacks import TrainerEngineView
+
+    model = apply_mora(tiny_llama(), MoRAConfig(r=4, target_modules="all-linear", mora_type=mora_type))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    engine = TrainerEngineView(model, optimizer, scheduler(optimizer) if scheduler else None, 0)
+    return model, engine
+
+
+def _plain_step(model, engine, step):
+    ids = _batch(step, 0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    engine.optimizer.step()
+    engine.optimizer.zero_grad()
+    engine.global_steps = step
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("full", ("full", 1.0)), ({"method": "random", "ratio": 0.999}, ("random", 0.999)),
+     ({"method": "magnitude"}, ("magnitude", 0.9))],
+)
+def test_parse_optimizer_reset_accepts_full_random_magnitude(value, expected):
+    assert parse_optimizer_reset(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [("zero", "'zero'"), ({"method": "random", "ratio": 1.5}, "1.5"), ({"method": "full", "ratio": 0.5}, "0.5"),
+     ({"method": "random", "fraction": 0.5}, "fraction")],
+)
+def test_parse_optimizer_reset_rejects_bad_values_naming_them(value, needle):
+    with pytest.raises(MoRAConfigError, match=needle):
+        parse_optimizer_reset(value)
+
+
+def test_prune_moment_zeroes_the_asked_fraction():
+    value = torch.randn(200, 50)
+    g = torch.Generator().manual_seed(0)
+    assert prune_moment(value, "full", 1.0, g).abs().max() == 0
+    random = prune_moment(value, "random", 0.9, g)
+    assert 0.87 <= float((random == 0).float().mean()) <= 0.93
+    assert torch.equal(random[random != 0], value[random != 0])  # survivors keep their value
+    magnitude = prune_moment(value, "magnitude", 0.9, g)
+    kept = magnitude != 0
+    assert abs(float(kept.float().mean()) - 0.1) < 1e-3
+    assert value[kept].abs().min() >= value[~kept].abs().max()  # the largest entries survive
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"merge_every": 0}, "merge_every=0"), ({"merge_every": 10, "restart_warmup": 10}, "restart_warmup=10"),
+     ({"type_cycle": ()}, "type_cycle"), ({"type_cycle": (1, 5)}, "type_cycle=5"),
+     ({"type_cycle": 1}, "type_cycle=1")],
+)
+def test_remora_callback_rejects_bad_settings_naming_them(kwargs, needle):
+    with pytest.raises(MoRAConfigError, match=needle):
+        ReMoRACallback(**kwargs)
+
+
+def test_remora_callback_checks_model_type_and_scheduler_before_training():
+    """A model built with a type other than the cycle's first, or a schedule that does not restart where the
+    callback merges, is refused at on_train_begin (the merges and LR restarts would silently drift apart)."""
+    from mora_dist.training.schedulers import JaggedCosineLR
+
+    _, engine = _plain_setup(mora_type=2)
+    with pytest.raises(MoRAConfigError, match="mora_type=2"):
+        ReMoRACallback(merge_every=2, restart_warmup=0).on_train_begin(engine)
+    _, engine = _plain_setup()
+    with pytest.raises(MoRAConfigError, match="needs a restarting scheduler"):
+        ReMoRACallback(merge_every=4, restart_warmup=1).on_train_begin(engine)
+    _, engine = _plain_setup(scheduler=lambda opt: JaggedCosineLR(
+        opt, total_steps=12, first_warmup=2, restart_warmup=1, cycle_length=6))
+    with pytest.raises(MoRAConfigError, match="cycle_length=6"):
+        ReMoRACallback(merge_every=4, restart_warmup=1).on_train_begin(engine)
+    _, engine = _plain_setup(mora_type=1)  # k_proj (48 -> 24) gets r_hat=17, odd: RoPE type 6 needs it even
+    with pytest.raises(MoRAConfigError, match="k_proj' cannot use type 6"):
+        ReMoRACallback(merge_every=2, type_cycle=(1, 6), restart_warmup=0).on_train_begin(engine)
+
+
+def test_merge_with_plain_torch_optimizer_runs_once_per_step_and_refuses_early_save():
+    """Without DeepSpeed (plain AdamW, as in a Trainer run): the merge keeps the function, zeroes M and its moments
+    and switches type; calling on_step_end again at the same step (gradient accumulation, a double call) does not
+    merge twice; saving at a merge step before on_step_end ran is refused."""
+    from mora_dist.model import mora_layers
+    from mora_dist.training.callbacks import CallbackList
+
+    model, engine = _plain_setup()
+    cb = ReMoRACallback(merge_every=2, type_cycle=("sharing", "sharing_block"), restart_warmup=0)
+    callbacks = CallbackList([cb])
+    callbacks.on_train_begin(engine)
+    _plain_step(model, engine, 1)
+    assert callbacks.on_step_end(engine) == {}
+    _plain_step(model, engine, 2)
+    with pytest.raises(MoRAConfigError, match="before the merge due"):
+        callbacks.on_save(engine, {})
+    with torch.no_grad():
+        before = model(input_ids=EVAL_IDS).logits
+    metrics = callbacks.on_step_end(engine)
+    with torch.no_grad():
+        after = model(input_ids=EVAL_IDS).logits
+    assert metrics["remora/merges"] == 1 and metrics["remora/zeroed_fraction"] == 1.0
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    for _, layer in mora_layers(model):
+        assert layer.mora_M.abs().max() == 0 and layer.mora_type == 2
+        state = engine.optimizer.state[layer.mora_M]
+        assert state["exp_avg"].abs().max() == 0 and state["exp_avg_sq"].abs().max() == 0
+    assert callbacks.on_step_end(engine) == {}
+    assert cb.merged_steps == [2]
+    callbacks.on_save(engine, {})
+    assert cb.state_dict() == {"merge_every": 2, "merged_steps": [2], "last_merged_step": 2, "step_in_cycle": 0,
+                               "type_cycle": [1, 2], "type_index": 1, "mora_type": 2}
+
+
+def test_load_state_dict_refuses_a_different_cadence_or_cycle():
+    state = ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=0).state_dict()
+    with pytest.raises(MoRAConfigError, match="merge_every=8"):
+        ReMoRACallback(merge_every=8, type_cycle=(1, 2), restart_warmup=0).load_state_dict(state)
+    with pytest.raises(MoRAConfigError, match=r"type_cycle=\(1, 2, 3, 4\)"):
+        ReMoRACallback(merge_every=4, type_cycle=(1, 2, 3, 4), restart_warmup=0).load_state_dict(state)
