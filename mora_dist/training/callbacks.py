@@ -202,7 +202,8 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
         if metrics:
             state.log_history.append({"step": state.global_step, **metrics})
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self.callbacks.on_save(self._engine(state, model, optimizer, lr_scheduler), {})
         if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
