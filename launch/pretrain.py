@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config field, e.g. --set training.max_steps=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --check: the world size to validate for (default: $WORLD_SIZE or 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
     """Everything that can be checked before a process group: the config, the world size, the output dir."""
     cfg = load_run_config(args.config, args.set)
-    accum = check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    world = args.world_size if args.check and args.world_size else int(os.environ.get("WORLD_SIZE", "1"))
+    accum = check_world(cfg, world)
     ckpt_dir = Path(cfg.training.output_dir) / "checkpoints"
     if not args.resume and list_checkpoints(ckpt_dir):
         raise RunConfigError(f"training.output_dir={cfg.training.output_dir!r} already holds checkpoints: pass "

@@ -101,3 +101,57 @@ def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {save_dir}")
     logger.info("resumed from %s (step %s)", path, client_state.get("step"))
     return client_state
+
+
+def read_run_config(run_dir: str | os.PathLike):
+    """The resolved ``config.json`` a run wrote (file paths not re-checked: the corpus may live elsewhere)."""
+    import json
+
+    from mora_dist.run.config import validate_run_config
+
+    return validate_run_config(json.loads((Path(run_dir) / "config.json").read_text()), check_paths=False)
+
+
+def read_model_states(run_dir: str | os.PathLike, tag: str | None = None, *, mp_rank: int = 0) -> dict[str, Any]:
+    """DeepSpeed's ``mp_rank_XX_model_states.pt`` of checkpoint ``tag`` (default: ``latest``) of a run.
+
+    Holds ``module`` (the full module state dict, frozen base weights included) and our client state.
+    """
+    import torch
+
+    ckpt = Path(run_dir) / "checkpoints"
+    tag = tag or latest_tag(ckpt)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt} holds no complete checkpoint (no 'latest'); train first or pass --tag")
+    path = ckpt / tag / f"mp_rank_{mp_rank:02d}_model_states.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; tags there: {[d.name for _, d in list_checkpoints(ckpt)]}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def current_mora_type(client_state: dict[str, Any]) -> int | None:
+    """The MoRA type ReMoRA had switched to when the checkpoint was written (``None`` without ReMoRA)."""
+    from mora_dist.training.callbacks import CLIENT_STATE_KEY
+
+    for key, state in client_state.get(CLIENT_STATE_KEY, {}).items():
+        if key.endswith(":ReMoRACallback"):
+            return int(state["mora_type"])
+    return None
+
+
+def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None):
+    """``(cfg, model)``: the Hugging Face backend's training model (adapters unmerged) as of checkpoint ``tag``."""
+    from mora_dist.model import set_mora_type
+    from mora_dist.run.build import build_hf_model
+
+    cfg = read_run_config(run_dir)
+    states = read_model_states(run_dir, tag)
+    from mora_dist.data import load_tokenizer
+
+    eos = load_tokenizer(Path(run_dir) / "tokenizer").eos_token_id
+    model = build_hf_model(cfg, cfg.model.vocab_size, eos)
+    model.load_state_dict(states["module"], strict=True)
+    mora_type = current_mora_type(states)
+    if mora_type is not None:
+        set_mora_type(model, mora_type)
+    return cfg, model.eval()

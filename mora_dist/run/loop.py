@@ -99,7 +99,7 @@ class Trainer:
             for batch in eval_shard(blocks, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
                                     micro_batch_size=self.cfg.training.micro_batch_size):
                 loss, n = self.backend.loss(self.engine, batch)
-                loss_sum, count = loss_sum + float(loss) * n, count + n
+                loss_sum, count = loss_sum + loss.item() * n, count + n
             sums.extend([loss_sum, count])
         self.engine.train()
         t = torch.tensor(sums, dtype=torch.float64)
@@ -128,7 +128,7 @@ class Trainer:
                 loss, _ = self.backend.loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
             self.step = int(engine.global_steps)
             self.tokens_seen += tokens_per_step
             logs = self.callbacks.on_step_end(engine) or {}
