@@ -1,0 +1,53 @@
+"""Helpers for the tests that run ``launch/pretrain.py`` through the real ``deepspeed`` launcher on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+TINY = "configs/remora_tiny.json"
+# A shorter tiny job for tests: 4 merges, a checkpoint every 10 steps (all kept), eval every 20.
+FAST = [
+    "training.max_steps=80", "remora.merge_every=20", "training.eval_interval=20", "training.save_interval=10",
+    "training.keep_last=10", "scheduler.warmup_steps=10",
+]
+RUN_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(nprocs: int, config: str, sets: list[str], *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
+           str(free_port()), "launch/pretrain.py", "--config", config]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def run(nprocs: int, config: str, sets: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """Run to completion; raise with the log tail on failure."""
+    proc = subprocess.run(launch_cmd(nprocs, config, sets, *extra), capture_output=True, text=True, env=env(),
+                          timeout=RUN_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
+    """``tag -> {step: value}`` from the run's TensorBoard event files (restarts purge orphaned steps)."""
+    ea = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}

@@ -1,0 +1,93 @@
+"""``launch/pretrain.py`` + ``launch/export.py`` end to end, through the real ``deepspeed`` launcher on CPU
+(2 ranks, gloo, ZeRO-2), read back from TensorBoard event files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from launch_helpers import FAST, RUN_TIMEOUT_S, TINY, env, launch_cmd, run, scalars
+from mora_dist.run.checkpoint import latest_tag, load_hf_run_model
+
+
+def _export(*args: str) -> None:
+    import sys
+
+    proc = subprocess.run([sys.executable, "launch/export.py", *args], capture_output=True, text=True, env=env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    start = time.perf_counter()
+    run(2, TINY, [*FAST, f"training.output_dir={out}"])
+    return out, time.perf_counter() - start
+
+
+def test_tiny_remora_run_learns_merges_and_exports_a_plain_transformers_model(tiny_run, tmp_path):
+    """Catches: merges not happening or not logged, eval not improving, and an export that drops dW, uses the
+    wrong MoRA type after ReMoRA's switches, or does not load in plain transformers."""
+    out, seconds = tiny_run
+    s = scalars(out)
+    assert sorted(s["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
+    ev = s["eval/loss"]
+    assert ev[80] < ev[0] - 1.5 and ev[80] < ev[40], ev
+    assert {"eval/plays/loss", "eval/poems/loss", "train/grad_norm", "train/tokens_per_second", "train/lr",
+            "train/tokens_seen", "remora/delta_norm"} <= set(s)
+    assert s["train/tokens_seen"][80] == 80 * 16 * 128
+    assert latest_tag(out / "checkpoints") == "step_0000080"
+
+    # step 70: after 3 merges (type now 2) with a non-zero M, so the export must fold the current dW.
+    _, model = load_hf_run_model(out, "step_0000070")
+    M = [m for n, m in model.named_parameters() if n.endswith("mora_M")]
+    assert max(float(m.detach().abs().max()) for m in M) > 0
+    _export("--run", str(out), "--out", str(tmp_path / "hf"), "--tag", "step_0000070")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = tok(["Friends, Romans, countrymen, lend me your ears"], return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(_logits(hf, ids), _logits(model, ids), atol=1e-4, rtol=1e-4)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    print(f"tiny run (80 steps, 2 ranks) took {seconds:.1f}s")
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
+    """Catches a resume that repeats or skips samples, loses or repeats a merge, restarts the schedule, or is
+    broken by a checkpoint half-written when the process group was killed (SIGKILL, no clean-up)."""
+    ref = scalars(tiny_run[0])
+    out = tmp_path / "run"
+    cmd = launch_cmd(2, TINY, [*FAST, f"training.output_dir={out}"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while (latest_tag(out / "checkpoints") or "") < "step_0000030":
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = latest_tag(out / "checkpoints")
+    assert killed_at < "step_0000080", killed_at
+    run(2, TINY, [*FAST, f"training.output_dir={out}"], "--resume")
+    got = scalars(out)
+    assert sorted(got["train/loss"]) == list(range(1, 81))
+    for step in range(1, 81):
+        assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
+    assert sorted(got["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
+    assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-5)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
