@@ -75,7 +75,8 @@ class MoRAConfig:
         mora_dtype: dtype of the square matrix and of the adapter's arithmetic (fp32 by default).
         modules_to_save: modules trained fully (embeddings, norms, lm_head for pretraining).
         tensor_parallel_sharding: ``"auto"`` shards the matrix like the base layer where the type allows it and
-            replicates it otherwise; ``"replicate"`` always replicates (Megatron layers only). Spec: §4.
+            replicates it otherwise; ``"replicate"`` always replicates; ``"shard"`` raises where it cannot shard
+            (Megatron layers only). Spec: §4.
 
     Spec: §2, §2.3.
     """
@@ -122,9 +123,9 @@ class MoRAConfig:
                     raise MoRAConfigError(f"{name}={value!r} is not a valid regex: {exc}") from exc
             elif isinstance(value, (list, tuple, set)):
                 setattr(self, name, list(value))
-        if self.tensor_parallel_sharding not in ("auto", "replicate"):
+        if self.tensor_parallel_sharding not in ("auto", "replicate", "shard"):
             raise MoRAConfigError(
-                f"tensor_parallel_sharding={self.tensor_parallel_sharding!r}: use 'auto' or 'replicate'"
+                f"tensor_parallel_sharding={self.tensor_parallel_sharding!r}: use 'auto', 'replicate' or 'shard'"
             )
 
     @property

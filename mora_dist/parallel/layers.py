@@ -1,0 +1,354 @@
+"""MoRA around megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear`` (and Transformer Engine's
+``TEColumnParallelLinear`` / ``TERowParallelLinear``): same function at every TP size, Megatron's collectives only.
+
+Each wrapper is thin: it reads its shard's global ids and the shard plan of ``M`` from
+:mod:`mora_dist.parallel.layouts`, builds a :class:`~mora_dist.operators.MoRAOperator` on global ids, and
+re-runs the base layer's forward with the adapter added where it costs no communication:
+
+- column-parallel: the adapter reads the input the base layer already has (replicated, or all-gathered along
+  the sequence under sequence parallelism); its input gradient joins the base layer's single all-reduce
+  (or reduce-scatter) of the input gradient;
+- row-parallel: the adapter's output is added to the partial output *before* the base layer's all-reduce
+  (or reduce-scatter).
+
+Transformer Engine layers do their collectives inside one call, so for them the adapter runs beside the base
+layer and moves ``r_hat``-wide tensors instead (compress, then all-gather ``u`` along the sequence; all-reduce
+``z`` on row-parallel layers). The same path serves megatron-core layers when ``fuse_with_base_comm=False``.
+
+Spec: §4.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import mappings as mm
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+from torch import nn
+
+from mora_dist.config import MoRAConfig, resolve_dtype, resolve_mora_type
+from mora_dist.errors import MoRAConfigError, ShardingError
+from mora_dist.layer import MoRALayerMixin
+from mora_dist.operators import MoRAOperator
+from mora_dist.parallel.layouts import ShardPlan, partition_ids, plan_shard
+from mora_dist.parallel.mappings import gather_matrix_shards, reduce_replicated_grad
+
+logger = logging.getLogger(__name__)
+
+_BASE = "base_layer."
+
+
+def _flatten_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dicts read like the base layer's plus ``mora_M`` (``linear_qkv.weight``, not ``.base_layer.``),
+    so Megatron checkpoints of the base model load into the adapted one and back."""
+    for key in [k for k in state_dict if k.startswith(prefix + _BASE)]:
+        state_dict[prefix + key[len(prefix) + len(_BASE) :]] = state_dict.pop(key)
+
+
+def _nest_base_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Inverse of :func:`_flatten_base_keys` on load: every key of this module that is not ``mora_*`` is the
+    base layer's."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if not rest.startswith(("mora_", _BASE)):
+            state_dict[prefix + _BASE + rest] = state_dict.pop(key)
+
+
+def _tp_group(base_layer: nn.Module) -> dist.ProcessGroup:
+    """The base layer's own tensor-parallel group (megatron's global one only for layers that lack it)."""
+    group = getattr(base_layer, "tp_group", None)
+    return group if group is not None else parallel_state.get_tensor_model_parallel_group()
+
+
+def _partition_stride(kind: str, base_layer: nn.Module, name: str) -> int:
+    """Chunks per rank of the split dim: 2 for gated ``linear_fc1`` (the MLP reads each rank's rows as
+    ``[gate_t; up_t]``, whatever the initialisation did), else the weight's ``partition_stride``."""
+    if kind == "row":
+        return 1
+    config = getattr(base_layer, "config", None)
+    if name.split(".")[-1] == "linear_fc1" and getattr(config, "gated_linear_unit", False):
+        return 2
+    return getattr(base_layer.weight, "partition_stride", 1)
+
+
+class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
+    """Shared part of the column- and row-parallel wrappers."""
+
+    parallel_kind = ""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r_hat: int,
+        mora_type: int | str = 6,
+        *,
+        name: str = "",
+        dropout: float = 0.0,
+        mora_dtype: torch.dtype | str = torch.float32,
+        sharding: str = "auto",
+        fuse_with_base_comm: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_base(base_layer, name, fuse_with_base_comm)
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.name = name
+        self.in_features, self.out_features = base_layer.input_size, base_layer.output_size
+        self.tp_group = _tp_group(base_layer)
+        self.tp_size, self.tp_rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        self.sharding = sharding
+        self.stride = _partition_stride(self.parallel_kind, base_layer, name)
+        self.fuse_with_base_comm = fuse_with_base_comm
+        mora_type = resolve_mora_type(mora_type)
+        self.plan = self._plan(mora_type, r_hat)
+        self.operator = self._operator(mora_type, r_hat, self.plan)
+        matrix = torch.zeros(*self.operator.m_shape, dtype=resolve_dtype(mora_dtype), device=base_layer.weight.device)
+        self.mora_M = nn.Parameter(matrix)
+        sharded = self.plan.m_dim is not None
+        set_tensor_model_parallel_attributes(self.mora_M, sharded, self.plan.m_dim if sharded else -1, self.plan.m_stride)
+        self.mora_M.allreduce = True  # reduced over data parallel like any dense parameter
+        self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_state_dict_post_hook(_flatten_base_keys)
+        self.register_load_state_dict_pre_hook(_nest_base_keys)
+        logger.debug("%s: r_hat=%d, M %s (%s)", name, r_hat, tuple(self.mora_M.shape), self.plan.reason or "sharded")
+
+    # ---- plan and operator ----
+    def _plan(self, mora_type: int, r_hat: int) -> ShardPlan:
+        return plan_shard(
+            self.parallel_kind, self.in_features, self.out_features, r_hat, mora_type,
+            tp_size=self.tp_size, tp_rank=self.tp_rank, stride=self.stride, sharding=self.sharding, where=self.name,
+        )
+
+    def _operator(self, mora_type: int, r_hat: int, plan: ShardPlan) -> MoRAOperator:
+        return MoRAOperator(
+            self.in_features, self.out_features, r_hat, mora_type,
+            in_ids=plan.in_ids, out_ids=plan.out_ids, m_rows=plan.m_rows, m_cols=plan.m_cols,
+        )
+
+    def _make_operator(self, mora_type: int) -> MoRAOperator:
+        plan = self._plan(mora_type, self.r_hat)
+        if not plan.same_matrix_layout(self.plan):
+            raise ShardingError(
+                f"{self.name}: switching mora_type {self.mora_type} -> {mora_type} changes how M is split over "
+                f"TP={self.tp_size} ({self.plan.reason or 'sharded'} -> {plan.reason or 'sharded'}); use "
+                "tensor_parallel_sharding='replicate' for ReMoRA cycles that mix these types"
+            )
+        self.plan = plan
+        return self._operator(mora_type, self.r_hat, plan)
+
+    def _base_weight_shard(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _matrix(self) -> torch.Tensor:
+        """``M`` as the forward uses it: a replicated ``M`` gets its gradient SUM-reduced over TP."""
+        if self.plan.m_dim is None:
+            return reduce_replicated_grad(self.mora_M, self.tp_group)
+        return self.mora_M
+
+    def _m_ids_per_rank(self) -> list[torch.Tensor]:
+        return [partition_ids(self.r_hat, self.tp_size, t, stride=self.plan.m_stride) for t in range(self.tp_size)]
+
+    # ---- global matrix (adapter files at any TP size) ----
+    def get_global_M(self) -> torch.Tensor:
+        """The global ``(r_hat, r_hat)`` matrix; collective over the TP group when ``M`` is sharded."""
+        if self.plan.m_dim is None:
+            return self.mora_M.detach().clone()
+        return gather_matrix_shards(self.mora_M.detach(), self._m_ids_per_rank(), self.plan.m_dim, self.tp_group)
+
+    @torch.no_grad()
+    def set_global_M(self, M: torch.Tensor) -> None:
+        """Keep this rank's shard of the global ``(r_hat, r_hat)`` matrix."""
+        if self.plan.m_dim is not None:
+            M = M.index_select(self.plan.m_dim, self.plan.m_ids.to(M.device))
+        self.mora_M.copy_(M.to(self.mora_M.dtype))
+
+    # ---- dist_checkpointing ----
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """The base layer's sharded tensors under its usual keys, plus ``{prefix}mora_M``: split over TP like
+        the base weight (global shape ``(r_hat, r_hat)``) when sharded, else one replica per TP rank."""
+        metadata = dict(metadata or {})
+        dp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(with_context_parallel=True)
+        metadata["dp_cp_group"] = dp_group
+        state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}mora_M"
+        dp_rank = dist.get_rank(dp_group)
+        if self.plan.m_dim is None:
+            state[key] = make_sharded_tensor_for_checkpoint(
+                self.mora_M, key, sharded_offsets, replica_id=(0, self.tp_rank, dp_rank)
+            )
+            return state
+        sharded = make_tp_sharded_tensor_for_checkpoint(
+            self.mora_M, key, tp_axis=self.plan.m_dim, prepend_offsets=sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=dp_group,
+        )
+        if self.plan.m_stride == 2:  # rows [chunk t; chunk t + tp]: megatron's gated-fc1 factory
+            sharded = apply_swiglu_sharded_factory(sharded, sharded_offsets)
+        state[key] = sharded
+        return state
+
+    def extra_repr(self) -> str:
+        where = "replicated" if self.plan.m_dim is None else f"sharded dim {self.plan.m_dim}"
+        return f"r_hat={self.r_hat}, mora_type={self.mora_type}, TP={self.tp_size}, M {where}"
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's local matmul with no collective of its own (ours replace them)."""
+        kwargs = dict(
+            input=x, weight=weight, bias=bias, gradient_accumulation_fusion=self.base_layer.gradient_accumulation_fusion,
+            allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None, tp_group=self.tp_group,
+        )
+        if not weight.requires_grad:
+            kwargs["wgrad_deferral_limit"] = None
+        return self.base_layer._forward_impl(**kwargs)
+
+
+class MoRAColumnParallelLinear(_MegatronMoRALinear):
+    """``Y_t = X W_t^T + b_t + [D(M C(X))]_t`` around a frozen column-parallel layer (output rows split).
+
+    ``X: [s, b, k]`` (``[s / tp, b, k]`` under sequence parallelism) is replicated; rank ``t`` returns its
+    output rows ``[s, b, d / tp]`` (gathered if the base layer gathers) and the bias as the base does.
+    ``M: (r_hat, r_hat)`` is split by rows like the base rows (same ``partition_stride``) when every rank's
+    rows read disjoint rows of ``M`` (interleave decompression with aligned groups); otherwise it is replicated
+    and its gradient SUM-reduced over TP. ``C`` and ``D`` act on TP = 1 ids (``linear_qkv``: per query group
+    ``[q, k, v]``; gated ``linear_fc1``: ``[gate; up]``).
+
+    Spec: §4.
+    """
+
+    parallel_kind = "column"
+
+    def forward(
+        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = self.base_layer
+        weight = base.weight if weight is None else weight
+        if not self.fuse_with_base_comm:
+            output, bias = base(input_)
+            output = self._forward_beside(input_, output)
+            if runtime_gather_output:
+                output = mm.gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+            return output, bias
+        if base.sequence_parallel:
+            x = mm.gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=self.tp_group)
+        elif base.allreduce_dgrad:
+            x = mm.copy_to_tensor_model_parallel_region(input_, group=self.tp_group)  # one dX all-reduce for both
+        else:
+            x = input_
+        bias = base.bias if not base.skip_bias_add else None
+        output = self.operator.forward(self.mora_dropout(x), self._matrix(), self._linear(x, weight, bias))
+        gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            output = mm.gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, (base.bias if base.skip_bias_add else None)
+
+    def _forward_beside(self, input_: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Adapter next to a base that runs its own collectives: compress the local tokens, then gather the
+        ``r_hat``-wide ``u`` along the sequence (sequence parallel) or all-reduce its gradient."""
+        u = self.operator.compress(self.mora_dropout(input_).to(self.mora_M.dtype))
+        if self.base_layer.sequence_parallel:
+            u = mm.gather_from_sequence_parallel_region(u, tensor_parallel_output_grad=True, group=self.tp_group)
+        else:
+            u = mm.copy_to_tensor_model_parallel_region(u, group=self.tp_group)
+        z = self.operator.apply_matrix(u, self._matrix())
+        return self.operator.decompress_add(output, z.to(output.dtype))
+
+
+class MoRARowParallelLinear(_MegatronMoRALinear):
+    """``Y = sum_t (X_t W_t^T + [D(M C(X))]_t) + b`` around a frozen row-parallel layer (input columns split).
+
+    ``X_t: [s, b, k / tp]`` (split unless ``input_is_parallel=False``, then split here). Each rank adds its
+    adapter part to its partial output before the base layer's all-reduce (reduce-scatter along the sequence
+    under sequence parallelism): zero extra collectives. ``M`` is split by columns like the base columns when
+    the ranks' inputs fill disjoint groups (block-sum compression with aligned groups); otherwise replicated,
+    with its gradient SUM-reduced over TP. Returns ``(Y, bias)`` as the base does.
+
+    Spec: §4.
+    """
+
+    parallel_kind = "row"
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = self.base_layer
+        x = input_ if base.input_is_parallel else mm.scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        if not self.fuse_with_base_comm:
+            output_, bias = base(input_)
+            return self._forward_beside(x, output_), bias
+        partial = self.operator.forward(self.mora_dropout(x), self._matrix(), self._linear(x, base.weight, None))
+        if base.sequence_parallel:
+            output_ = mm.reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
+        else:
+            output_ = mm.reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+        if base.skip_bias_add:
+            return output_, base.bias
+        return (output_ + base.bias if base.bias is not None else output_), None
+
+    def _forward_beside(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Adapter next to a base that reduces by itself: reduce the ``r_hat``-wide partial ``z`` instead."""
+        u = self.operator.compress(self.mora_dropout(x).to(self.mora_M.dtype))
+        z = self.operator.apply_matrix(u, self._matrix())
+        if self.base_layer.sequence_parallel:
+            z = mm.reduce_scatter_to_sequence_parallel_region(z, group=self.tp_group)
+        else:
+            z = mm.reduce_from_tensor_model_parallel_region(z, group=self.tp_group)
+        return self.operator.decompress_add(output, z.to(output.dtype))
+
+
+_TE_FUSED_NORM = ("TELayerNormColumnParallelLinear",)
+
+
+def _check_base(base_layer: nn.Module, name: str, fuse_with_base_comm: bool) -> None:
+    if getattr(base_layer, "is_expert", False):
+        raise MoRAConfigError(f"{name}: MoE expert layers are not supported by MoRA; add it to exclude_modules")
+    if getattr(base_layer, "weight", None) is None:
+        raise MoRAConfigError(
+            f"{name}: the layer has no weight of its own (skip_weight_param_allocation, e.g. a tied output "
+            "layer); add it to exclude_modules"
+        )
+    if not fuse_with_base_comm and getattr(base_layer, "gather_output", False):
+        raise MoRAConfigError(f"{name}: a layer that gathers its output needs fuse_with_base_comm=True")
+
+
+def _kind(module: nn.Module) -> tuple[type[_MegatronMoRALinear], bool]:
+    """(wrapper class, fuse_with_base_comm) for a megatron-core or Transformer Engine linear layer."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(module, ColumnParallelLinear):
+        return MoRAColumnParallelLinear, True
+    if isinstance(module, RowParallelLinear):
+        return MoRARowParallelLinear, True
+    cls = type(module).__name__
+    if cls in _TE_FUSED_NORM:
+        raise MoRAConfigError(
+            f"{cls} fuses the layer norm into the linear layer, so MoRA cannot see its input; build the model "
+            "with a spec that keeps the norm separate (e.g. get_gpt_layer_local_spec) to adapt this layer"
+        )
+    mode = getattr(module, "parallel_mode", None)
+    if mode in ("column", "row"):
+        return (MoRAColumnParallelLinear if mode == "column" else MoRARowParallelLinear), False
+    raise MoRAConfigError(f"{cls} is not a megatron-core column/row-parallel linear layer MoRA can wrap")
+
+
+def check_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> None:
+    """Raise now, before :func:`mora_dist.apply_mora` changes anything, if this layer cannot be wrapped as
+    configured (unsupported layer, or ``M`` that cannot be sharded under ``tensor_parallel_sharding='shard'``)."""
+    cls, fuse = _kind(module)
+    _check_base(module, name, fuse)
+    group = _tp_group(module)
+    plan_shard(
+        cls.parallel_kind, module.input_size, module.output_size, r_hat, config.mora_type,
+        tp_size=dist.get_world_size(group), tp_rank=dist.get_rank(group),
+        stride=_partition_stride(cls.parallel_kind, module, name), sharding=config.tensor_parallel_sharding, where=name,
+    )
+
+
+def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> _MegatronMoRALinear:
+    """Wrap one megatron-core (or Transformer Engine) linear layer for :func:`mora_dist.apply_mora`. Spec: §4."""
+    cls, fuse = _kind(module)
+    return cls(
+        module, r_hat, config.mora_type, name=name, dropout=config.dropout, mora_dtype=config.torch_dtype,
+        sharding=config.tensor_parallel_sharding, fuse_with_base_comm=fuse,
+    )
