@@ -36,9 +36,10 @@ class MoRALayerMixin:
     def mora_type(self) -> int:
         return self.operator.mora_type
 
-    def adapter_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + D(M C(dropout(x)))`` for local ``x: (..., k_local)``, ``y: (..., d_local)``."""
-        return self.operator.forward(self.mora_dropout(x), self.mora_M, y)
+    def adapter_delta(self, x: torch.Tensor, y: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``y + D(M C(dropout(x)))`` for local ``x: (..., k_local)``, ``y: (..., d_local)``; written into ``y``
+        when ``inplace`` (pass it only for a fresh base output that nothing else reads)."""
+        return self.operator.forward(self.mora_dropout(x), self.mora_M, y, inplace=inplace)
 
     def delta_weight(self) -> torch.Tensor:
         """This rank's ``dW: (d_local, k_local)`` in fp32 (or the matrix's dtype if wider). Spec: §2.4."""
@@ -140,7 +141,26 @@ class MoRALinear(MoRALayerMixin, nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter_delta(x, self.base_layer(x))
+        base = self.base_layer
+        if self._fusable():
+            # One autograd node for base and adapter: the adapter adds into the base's output and dX in place.
+            out = self.operator.forward_fused(x, self.mora_M, weight=base.weight, bias=base.bias)
+            if out is not None:
+                return out
+        # The base output is fresh and read by no one else: adding into it saves a d-wide allocation and pass.
+        return self.adapter_delta(x, base(x), inplace=True)
+
+    def _fusable(self) -> bool:
+        """Whether the frozen base may run inside the adapter's autograd function: a plain ``nn.Linear`` with
+        frozen parameters, no hooks (ZeRO-3 gathers weights in hooks) and no active dropout on the adapter."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not any(p.requires_grad for p in base.parameters())
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            and (isinstance(self.mora_dropout, nn.Identity) or not self.training)
+        )
 
     def extra_repr(self) -> str:
         return f"r_hat={self.r_hat}, mora_type={self.mora_type}, M_dtype={self.mora_M.dtype}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mora_dist.autograd import MAX_SLICES, BlockMatrixFn, BlockPlan, SharedMatrixFn, SliceMap
 from mora_dist.config import resolve_mora_type
 from mora_dist.errors import MoRAConfigError, ShardingError
 
@@ -179,6 +180,8 @@ class MoRAOperator:
         self.full_m = m_rows is None and m_cols is None
         self._cpu = self._build_tables()
         self._cache: dict[torch.device, _Tables] = {}
+        self._fast_cpu = self._build_fast_plan()
+        self._fast_cache: dict[torch.device, tuple] = {}
 
     @property
     def m_shape(self) -> tuple[int, int]:
@@ -211,6 +214,28 @@ class MoRAOperator:
         if self.rope:
             cos, sin = rope_tables(self.n_blocks, self.r_hat)
         return _Tables(comp_src, comp_dst, dec_src, full_src, cos, sin)
+
+    def _build_fast_plan(self) -> tuple | None:
+        """The compression and decompression as slice maps, plus the per-block matmul plan for rope; ``None``
+        when rope's maps do not reduce to few matmuls (the index path of :meth:`compress` then runs)."""
+        tab = self._cpu
+        comp = SliceMap(tab.comp_src, tab.comp_dst, len(self.in_ids), self.stream_width)
+        d_local = len(self.out_ids)
+        dec = SliceMap(torch.arange(d_local), tab.dec_src, d_local, self.stream_width if self.rope else len(self.m_rows))
+        if not self.rope:
+            return comp, dec
+        if not comp.sliceable:
+            return None
+        plan = BlockPlan(comp, dec, self.n_blocks, self.r_hat, len(self.in_ids))
+        return (plan,) if plan.num_matmuls <= 4 * MAX_SLICES else None
+
+    def _fast(self, device: torch.device) -> tuple | None:
+        if self._fast_cpu is None:
+            return None
+        device = torch.device(device)
+        if device not in self._fast_cache:
+            self._fast_cache[device] = tuple(part.to(device) for part in self._fast_cpu)
+        return self._fast_cache[device]
 
     def tables(self, device: torch.device) -> _Tables:
         """The index/RoPE tables on ``device`` (built once per device; derived from shapes, never saved)."""
@@ -264,10 +289,40 @@ class MoRAOperator:
                 return (y.unflatten(-1, (self.r_hat, d // self.r_hat)) + z.unsqueeze(-1)).flatten(-2)
         return y + z.index_select(-1, self.tables(z.device).dec_src)
 
-    def forward(self, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + D(M C(x))``: the adapter's contribution added to the base output ``y``."""
-        z = self.apply_matrix(self.compress(x.to(M.dtype)), M)
-        return self.decompress_add(y, z.to(y.dtype))
+    def forward(self, x: torch.Tensor, M: torch.Tensor, y: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``y + D(M C(x))``: the adapter's contribution added to the base output ``y``.
+
+        Runs the slice-based autograd functions of :mod:`mora_dist.autograd` (no ``k``-wide copies, little
+        saved for backward); falls back to the index path when the maps are scattered. With ``inplace`` the
+        result is written into ``y`` (which must be a fresh output nobody else reads, e.g. the base layer's).
+        """
+        out = self.forward_fused(x, M, y=y, inplace=inplace)
+        if out is None:
+            z = self.apply_matrix(self.compress(x.to(M.dtype)), M)
+            out = self.decompress_add(y, z.to(y.dtype))
+        return out
+
+    def forward_fused(self, x: torch.Tensor, M: torch.Tensor, *, y: torch.Tensor | None = None,
+                      weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      inplace: bool = False) -> torch.Tensor | None:
+        """``y + D(M C(x))``, or ``x W^T + b + D(M C(x))`` for a frozen ``weight: (d, k)`` (whose ``dX`` the
+        adapter's then accumulates into, saving a ``k``-wide pass); ``None`` where no fast path applies."""
+        fast = self._fast(x.device)
+        if fast is None:
+            return None
+        if self.rope:
+            if x.dtype != (y if weight is None else weight).dtype:
+                return None
+            return BlockMatrixFn.apply(x, self.rotated_blocks(M), y, weight, bias, fast[0], inplace)
+        return SharedMatrixFn.apply(x, M, y, weight, bias, fast[0], fast[1], inplace)
+
+    def rotated_blocks(self, M: torch.Tensor) -> torch.Tensor:
+        """``P_c = M R_c`` for every block: ``(n, r_hat, r_hat)``; column ``b`` of ``P_c`` is
+        ``M[:, b] cos(phi_(c,b)) + Mtilde[:, b] sin(phi_(c,b))``. Spec: §2.4 (type 6)."""
+        tab = self.tables(M.device)
+        half = self.r_hat // 2
+        m_tilde = torch.cat([M[:, half:], -M[:, :half]], dim=1)  # (r_hat, r_hat)
+        return M * tab.cos.to(M.dtype)[:, None, :] + m_tilde * tab.sin.to(M.dtype)[:, None, :]
 
     # ---- dense delta ----
     def delta_weight(self, M: torch.Tensor) -> torch.Tensor:
@@ -283,9 +338,8 @@ class MoRAOperator:
             # (M C)[:, j] = sum over pairs (j, a) of M[:, a]; then row o of dW is row dec_src[o] of M C.
             mc = M.new_zeros(M.shape[0], k_local).index_add(1, tab.comp_src, M.index_select(1, tab.comp_dst))
             return mc.index_select(0, tab.dec_src)
-        n, r_hat, half = self.n_blocks, self.r_hat, self.r_hat // 2
-        m_tilde = torch.cat([M[:, half:], -M[:, :half]], dim=1)  # (r_hat, r_hat)
-        blocks = M * tab.cos.to(M.dtype)[:, None, :] + m_tilde * tab.sin.to(M.dtype)[:, None, :]  # (n, r_hat, r_hat)
+        n, r_hat = self.n_blocks, self.r_hat
+        blocks = self.rotated_blocks(M)  # (n, r_hat, r_hat)
         block_of, col_of = tab.comp_dst // r_hat, tab.comp_dst % r_hat
         values = blocks.permute(0, 2, 1)[block_of, col_of]  # (P, r_hat): column col_of of P_block
         full = M.new_zeros(n * k_local, r_hat).index_add(0, block_of * k_local + tab.comp_src, values)

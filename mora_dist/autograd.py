@@ -1,0 +1,290 @@
+"""Fast execution of MoRA's operators: 0/1 maps as contiguous slices, and hand-written backward passes.
+
+The index tables of :mod:`mora_dist.operators` define every compression and decompression as a 0/1 matrix
+``S: (narrow, wide)`` (``u = x S^T`` compresses, ``y + z S`` decompresses). Here such a map runs as a few
+slice operations on views (no gathers, no padding copies, no materialised repeats) where its pairs form long
+contiguous runs, and as ``index_select``/``index_add`` otherwise. The adjoint of a map is the same map used the
+other way: the adjoint of tiling is a stride-sum, of interleaving a block-sum, of wrap-padded stride-sum a wrap
+tiling.
+
+Two autograd functions use them, both optionally writing into the base output ``y`` in place:
+
+- ``SharedMatrixFn`` (types 1-4): saves the compressed input ``u`` (``r_hat`` wide, at most the input's
+  precision) and ``M``; the ``k``-wide input is not kept alive. Sums accumulate in ``M``'s dtype.
+- ``BlockMatrixFn`` (type 6): ``y + D blockdiag(P_c) C_pad x`` with the rotation folded into ``P_c = M R_c``
+  (no rotated copy of the input): one matmul per (block, slice) reading the wrap-padded input straight from
+  ``x`` and writing straight into ``y``; blocks whose outputs are truncated away are skipped. Saves ``x`` (by
+  reference) and ``P``. The matmuls run in the input's dtype (as under autocast); ``dP`` is returned in ``P``'s.
+
+Spec: §2.1, §2.2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_SLICES = 64  # beyond this many slices a gather is cheaper than a Python loop over slices
+
+
+def _runs(wide_ids: torch.Tensor, narrow_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(wide_start, narrow_start, length)`` over which both id lists step by one."""
+    if len(wide_ids) == 0:
+        return []
+    breaks = (((wide_ids.diff() != 1) | (narrow_ids.diff() != 1)).nonzero().flatten() + 1).tolist()
+    return [(int(wide_ids[s]), int(narrow_ids[s]), e - s) for s, e in zip([0, *breaks], [*breaks, len(wide_ids)])]
+
+
+def _gaps(covered: torch.Tensor) -> list[tuple[int, int]]:
+    ids = (~covered).nonzero().flatten()
+    return [(w, w + length) for w, _, length in _runs(ids, ids)]
+
+
+class SliceMap:
+    """A 0/1 map ``S: (narrow, wide)`` given by pairs ``(wide_ids[i], narrow_ids[i])``, executed on slices.
+
+    Runs that repeat the same narrow slice at consecutive wide offsets merge into one broadcast of ``count``
+    copies. Each group is the first write to its wide range or a later one (wrap-around), which decides between
+    assignment and accumulation in :meth:`spread`; wide ranges no pair touches (``gaps``) stay ``base``/zero.
+    """
+
+    def __init__(self, wide_ids: torch.Tensor, narrow_ids: torch.Tensor, wide: int, narrow: int) -> None:
+        self.wide, self.narrow = wide, narrow
+        self.wide_ids, self.narrow_ids = wide_ids, narrow_ids
+        merged: list[list[int]] = []  # [wide_start, narrow_start, length, count]
+        for w, n, length in _runs(wide_ids, narrow_ids):
+            last = merged[-1] if merged else None
+            if last and last[1] == n and last[2] == length and last[0] + length * last[3] == w:
+                last[3] += 1
+            else:
+                merged.append([w, n, length, 1])
+        covered = torch.zeros(wide, dtype=torch.bool)
+        self.groups: list[tuple[int, int, int, int, bool]] = []  # (wide, narrow, length, count, first)
+        self.sliceable = len(merged) <= MAX_SLICES
+        for w, n, length, count in merged:
+            span = covered[w : w + length * count]
+            self.sliceable &= bool(span.all()) or not bool(span.any())
+            self.groups.append((w, n, length, count, not bool(span.any())))
+            span.fill_(True)
+        self.covered = covered
+        self.gaps = _gaps(covered)
+        self.full_first = bool(self.groups) and self.groups[0][1] == 0 and self.groups[0][2] == narrow
+
+    def to(self, device: torch.device) -> SliceMap:
+        clone = object.__new__(SliceMap)
+        clone.__dict__.update(self.__dict__)
+        clone.wide_ids, clone.narrow_ids = self.wide_ids.to(device), self.narrow_ids.to(device)
+        return clone
+
+    def sum(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x S^T``: ``(T, wide) -> (T, narrow)`` in ``dtype``, accumulating in place (no ``wide`` copy)."""
+        if not self.sliceable:
+            picked = x.index_select(-1, self.wide_ids).to(dtype)
+            return x.new_zeros(x.shape[0], self.narrow, dtype=dtype).index_add_(-1, self.narrow_ids, picked)
+        out = None
+        for w, n, length, count, _ in self.groups:
+            part = x[:, w : w + length * count].unflatten(-1, (count, length))  # (T, count, length)
+            if out is None and self.full_first:
+                out = part.sum(-2, dtype=dtype) if count > 1 else part[:, 0].to(dtype, copy=True)
+                continue
+            if out is None:
+                out = x.new_zeros(x.shape[0], self.narrow, dtype=dtype)
+            target = out[:, n : n + length]
+            for c in range(count):
+                target += part[:, c]
+        return out if out is not None else x.new_zeros(x.shape[0], self.narrow, dtype=dtype)
+
+    def spread(self, z: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``base + z S``: ``(T, narrow) -> (T, wide)`` in ``dtype`` (``base`` zero when ``None``)."""
+        if not self.sliceable:
+            out = base.to(dtype, copy=True) if base is not None else z.new_zeros(z.shape[0], self.wide, dtype=dtype)
+            return out.index_add_(-1, self.wide_ids, z.index_select(-1, self.narrow_ids).to(dtype))
+        out = z.new_empty(z.shape[0], self.wide, dtype=dtype)
+        for w, n, length, count, first in self.groups:
+            target = out[:, w : w + length * count].unflatten(-1, (count, length))  # (T, count, length)
+            source = z[:, n : n + length].unsqueeze(-2)
+            if not first:
+                target += source
+            elif base is not None:
+                torch.add(base[:, w : w + length * count].unflatten(-1, (count, length)), source, out=target)
+            else:
+                target.copy_(source)
+        for a, b in self.gaps:
+            out[:, a:b] = base[:, a:b] if base is not None else 0
+        return out
+
+    def add_into(self, out: torch.Tensor, z: torch.Tensor) -> None:
+        """``out += z S`` in place, ``out: (T, wide)``."""
+        if not self.sliceable:
+            out.index_add_(-1, self.wide_ids, z.index_select(-1, self.narrow_ids).to(out.dtype))
+            return
+        for w, n, length, count, _ in self.groups:
+            out[:, w : w + length * count].unflatten(-1, (count, length)).add_(z[:, n : n + length].unsqueeze(-2))
+
+
+def _base_output(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, bool]:
+    """The tensor the adapter adds into, and whether it is written in place: the frozen base's output computed
+    here (``weight`` given), ``y`` itself (``inplace``) or a copy of it."""
+    if weight is not None:
+        return torch.nn.functional.linear(x, weight, bias), False
+    return (y, True) if inplace else (y.clone(), False)
+
+
+def _base_grad_x(grad: torch.Tensor, weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``dX`` of the fused frozen base, ``(T, k)``, that the adapter's ``dX`` then accumulates into."""
+    return None if weight is None else grad.reshape(-1, grad.shape[-1]) @ weight.to(x.dtype)
+
+
+class SharedMatrixFn(torch.autograd.Function):
+    """``y + D(M C(x))`` for ``x: (..., k)``, ``M: (rows, cols)``, ``y: (..., d)``; types 1-4.
+
+    With ``weight`` (and ``bias``) of a frozen linear layer instead of ``y``, the base output is computed
+    here, and its ``dX`` in backward is the buffer the adapter's ``dX`` accumulates into. Spec: §2.
+    """
+
+    @staticmethod
+    def forward(ctx, x, M, y, weight, bias, comp: SliceMap, dec: SliceMap, inplace: bool):
+        u = comp.sum(x.reshape(-1, x.shape[-1]), M.dtype)  # (T, cols)
+        z = u @ M.t()  # (T, rows)
+        ctx.comp, ctx.dec, ctx.x_meta = comp, dec, (x.shape, x.dtype)
+        # u carries no more than the input's precision into dM; keeping it there halves the saved bytes in bf16.
+        ctx.save_for_backward(u.to(x.dtype) if x.dtype.itemsize < u.dtype.itemsize else u, M, weight)
+        if weight is None and not inplace:
+            return dec.spread(z, y.reshape(-1, y.shape[-1]), y.dtype).view(y.shape)
+        out, dirty = _base_output(x, y, weight, bias, inplace)
+        dec.add_into(out.view(-1, out.shape[-1]), z)
+        if dirty:
+            ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, M, weight = ctx.saved_tensors
+        x_shape, x_dtype = ctx.x_meta
+        dz = ctx.dec.sum(grad.reshape(-1, grad.shape[-1]), M.dtype)  # (T, rows)
+        grad_x = grad_M = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _base_grad_x(grad, weight, u)
+            if grad_x is None:
+                grad_x = ctx.comp.spread(dz @ M, None, x_dtype)
+            else:
+                ctx.comp.add_into(grad_x, dz @ M)
+            grad_x = grad_x.view(x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_M = dz.t() @ u.to(M.dtype)
+        return grad_x, grad_M, grad if ctx.needs_input_grad[2] else None, None, None, None, None, None
+
+
+class BlockPlan:
+    """Which matmuls type 6 runs: for each block ``c`` the row ranges of ``P_c`` whose outputs are read
+    (``pieces``: ``(row_lo, row_hi, column)``, the column of the target that row ``row_lo`` lands in) and the
+    slices of ``x`` its padded block reads (``segments``: ``(x_start, block_column, length, first)``).
+
+    The target is the output itself when every stream position is read at most once (``direct``), else a
+    ``(T, n * r_hat)`` buffer spread by ``dec`` (tiling when ``d > n * r_hat``). Spec: §2.1, §2.2.
+    """
+
+    def __init__(self, comp: SliceMap, dec: SliceMap, n_blocks: int, r_hat: int, k_local: int) -> None:
+        self.dec, self.r_hat = dec, r_hat
+        self.direct = dec.sliceable and len(dec.narrow_ids.unique()) == len(dec.narrow_ids)
+        stream_groups = dec.groups if self.direct else [(t, t, 1, 1, True) for t in dec.narrow_ids.unique().tolist()]
+        pieces: dict[int, list] = {}
+        for w, t, length, count, _ in stream_groups:
+            for start, stop in _split(t, t + length * count, r_hat):
+                c = start // r_hat
+                lo, hi, col = start - c * r_hat, stop - c * r_hat, (w + start - t if self.direct else start)
+                last = pieces.get(c, [])[-1:] or None
+                if last and last[0][1] == lo and last[0][2] + (last[0][1] - last[0][0]) == col:
+                    pieces[c][-1] = (last[0][0], hi, last[0][2])  # extend a contiguous piece
+                else:
+                    pieces.setdefault(c, []).append((lo, hi, col))
+        covered = torch.zeros(k_local, dtype=torch.bool)
+        self.blocks = []
+        self.zero_init = False
+        for c in sorted(pieces):
+            segments = []
+            for w, t, length, count, _ in comp.groups:
+                for i in range(count):
+                    for start, stop in _split(t, t + length, r_hat):
+                        if start // r_hat == c:
+                            x0 = w + i * length + start - t
+                            span = covered[x0 : x0 + stop - start]
+                            self.zero_init |= bool(span.any()) and not bool(span.all())
+                            segments.append((x0, start - c * r_hat, stop - start, not bool(span.any())))
+                            span.fill_(True)
+            self.blocks.append((c, pieces[c], segments))
+        self.gaps = _gaps(covered)
+        self.num_matmuls = sum(len(p) * len(s) for _, p, s in self.blocks)
+
+    def to(self, device: torch.device) -> BlockPlan:
+        clone = object.__new__(BlockPlan)
+        clone.__dict__.update(self.__dict__)
+        clone.dec = self.dec.to(device)
+        return clone
+
+
+def _split(start: int, stop: int, r_hat: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut at multiples of ``r_hat``."""
+    cuts = []
+    while start < stop:
+        end = min(stop, (start // r_hat + 1) * r_hat)
+        cuts.append((start, end))
+        start = end
+    return cuts
+
+
+class BlockMatrixFn(torch.autograd.Function):
+    """``y + D blockdiag(P_0, ..) C_pad(x)`` for ``x: (..., k)``, ``P: (n, r_hat, r_hat)``, ``y: (..., d)``.
+
+    Type 6 with the rotation folded into ``P``. Spec: §2.1 rotate-reshape, §2.2.
+    """
+
+    @staticmethod
+    def forward(ctx, x, P, y, weight, bias, plan: BlockPlan, inplace: bool):
+        x2, Pc = x.reshape(-1, x.shape[-1]), P.to(x.dtype)  # (T, k), blocks in the compute dtype
+        out, dirty = _base_output(x, y, weight, bias, inplace)
+        out2 = out.view(-1, out.shape[-1])
+        target = out2 if plan.direct else x2.new_zeros(x2.shape[0], plan.dec.narrow)
+        for c, pieces, segments in plan.blocks:
+            for lo, hi, col in pieces:
+                block_out = target[:, col : col + hi - lo]  # (T, rows)
+                for w, n, length, _ in segments:
+                    block_out.addmm_(x2[:, w : w + length], Pc[c, lo:hi, n : n + length].t())
+        if not plan.direct:
+            plan.dec.add_into(out2, target)
+        ctx.plan = plan
+        ctx.save_for_backward(x, P, weight)
+        if dirty:
+            ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, P, weight = ctx.saved_tensors
+        plan = ctx.plan
+        x2, Pc = x.reshape(-1, x.shape[-1]), P.to(x.dtype)
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        source = grad2 if plan.direct else plan.dec.sum(grad2, x.dtype)  # (T, d) or (T, n * r_hat)
+        want_x, want_P = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = _base_grad_x(grad, weight, x) if want_x else None
+        accumulate = grad_x is not None or plan.zero_init
+        if want_x and grad_x is None:
+            grad_x = (x2.new_zeros if plan.zero_init else x2.new_empty)(x2.shape)
+        grad_P = torch.zeros_like(P) if want_P else None
+        for c, pieces, segments in plan.blocks:
+            for w, n, length, first in segments:
+                for i, (lo, hi, col) in enumerate(pieces):
+                    g = source[:, col : col + hi - lo]  # (T, rows)
+                    if want_x:
+                        if first and i == 0 and not accumulate:
+                            torch.mm(g, Pc[c, lo:hi, n : n + length], out=grad_x[:, w : w + length])
+                        else:
+                            grad_x[:, w : w + length].addmm_(g, Pc[c, lo:hi, n : n + length])
+                    if want_P:
+                        grad_P[c, lo:hi, n : n + length] += g.t() @ x2[:, w : w + length]
+        if want_x:
+            if not accumulate:
+                for a, b in plan.gaps:
+                    grad_x[:, a:b] = 0
+            grad_x = grad_x.view(x.shape)
+        return grad_x, grad_P, grad if ctx.needs_input_grad[2] else None, None, None, None, None
