@@ -288,3 +288,69 @@ class BlockMatrixFn(torch.autograd.Function):
                     grad_x[:, a:b] = 0
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_P, grad if ctx.needs_input_grad[2] else None, None, None, None, None
+
+
+def add_delta(out: torch.Tensor, A: torch.Tensor, fast: tuple, rope: bool) -> torch.Tensor:
+    """``out += dW`` in place for ``out: (d_local, k_local)``, with ``A`` = ``M`` (types 1-4, ``fast = (comp,
+    dec)``) or the rotated blocks ``P`` (type 6, ``fast = (plan,)``). Slices only, no loop over features.
+
+    Spec: §2.4.
+    """
+    if not rope:
+        comp, dec = fast
+        mc = comp.spread(A, None, out.dtype)  # (rows, k_local): M C
+        dec.add_into(out.t(), mc.t())  # row o of dW is row dec(o) of M C
+        return out
+    plan = fast[0]
+    target = out if plan.direct else out.new_zeros(plan.dec.narrow, out.shape[1])  # rows: outputs or stream
+    for c, pieces, segments in plan.blocks:
+        for lo, hi, col in pieces:
+            for w, n, length, _ in segments:
+                target[col : col + hi - lo, w : w + length] += A[c, lo:hi, n : n + length]
+    if not plan.direct:
+        plan.dec.add_into(out.t(), target.t())
+    return out
+
+
+class MergedWeightFn(torch.autograd.Function):
+    """``x (W + dW)^T + b`` for a frozen ``weight: (d, k)`` in fp32 or wider: one GEMM forward and one for
+    ``dX``, the merged weight rebuilt in backward rather than saved. ``dM`` (types 1-4, from the saved ``u``)
+    or ``dP`` (type 6, from ``x``) as in the unmerged functions, so the gradients are the same linear maps.
+
+    Not for low-precision weights: ``W + dW`` rounded to bf16 would lose most of ``dW``. Spec: §2, §2.4.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, weight, bias, fast: tuple, rope: bool):
+        merged = add_delta(weight.clone(), A.to(weight.dtype), fast, rope)
+        out = torch.nn.functional.linear(x, merged, bias)
+        ctx.fast, ctx.rope = fast, rope
+        saved = x if rope else fast[0].sum(x.reshape(-1, x.shape[-1]), A.dtype)  # x, or u: (T, cols)
+        ctx.save_for_backward(saved, A, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, A, weight = ctx.saved_tensors
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ add_delta(weight.clone(), A.to(weight.dtype), ctx.fast, ctx.rope)
+        if ctx.needs_input_grad[1]:
+            grad2 = grad.reshape(-1, grad.shape[-1])
+            if ctx.rope:
+                grad_A = _block_grad_P(grad2, saved.reshape(-1, saved.shape[-1]), ctx.fast[0], A)
+            else:
+                grad_A = ctx.fast[1].sum(grad2, A.dtype).t() @ saved
+        return grad_x, grad_A, None, None, None, None
+
+
+def _block_grad_P(grad2: torch.Tensor, x2: torch.Tensor, plan: BlockPlan, P: torch.Tensor) -> torch.Tensor:
+    """``dP_c = dz_c^T x'_c`` for every used (block, piece, slice); ``(n, r_hat, r_hat)`` in ``P``'s dtype."""
+    source = grad2 if plan.direct else plan.dec.sum(grad2, x2.dtype)
+    grad_P = torch.zeros_like(P)
+    for c, pieces, segments in plan.blocks:
+        for lo, hi, col in pieces:
+            g_t = source[:, col : col + hi - lo].t()  # (rows, T)
+            for w, n, length, _ in segments:
+                grad_P[c, lo:hi, n : n + length] += g_t @ x2[:, w : w + length]
+    return grad_P

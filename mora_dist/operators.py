@@ -18,13 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from mora_dist.autograd import MAX_SLICES, BlockMatrixFn, BlockPlan, SharedMatrixFn, SliceMap
+from mora_dist.autograd import MAX_SLICES, BlockMatrixFn, BlockPlan, MergedWeightFn, SharedMatrixFn, SliceMap, add_delta
 from mora_dist.config import resolve_mora_type
 from mora_dist.errors import MoRAConfigError, ShardingError
 
 COMPRESSORS = {1: "stride_sum", 2: "block_sum", 3: "block_sum", 4: "stride_sum", 6: "rotate_reshape"}
 DECOMPRESSORS = {1: "tile", 2: "interleave", 3: "tile", 4: "interleave", 6: "tile"}
 ROPE_BASE = 10000.0
+# From this many tokens on, a frozen fp32 base runs merged (x (W + dW)^T): building W + dW costs less than the
+# adapter's separate passes over the input and output.
+MERGE_MIN_TOKENS = 1024
 
 
 def compute_r_hat(in_features: int, out_features: int, r: int, mora_type: int | str) -> int:
@@ -310,6 +313,8 @@ class MoRAOperator:
         fast = self._fast(x.device)
         if fast is None:
             return None
+        if weight is not None and weight.dtype.itemsize >= 4 and x.shape[:-1].numel() >= MERGE_MIN_TOKENS:
+            return MergedWeightFn.apply(x, self.rotated_blocks(M) if self.rope else M, weight, bias, fast, self.rope)
         if self.rope:
             if x.dtype != (y if weight is None else weight).dtype:
                 return None
