@@ -1,11 +1,12 @@
 """Run megatron-core on CPU (tests, CPU demos): a CPU RNG tracker and a device lookup, only when CUDA is absent.
 
-megatron-core assumes CUDA in two places that matter for small CPU runs: the tensor-parallel RNG tracker
-(``get_cuda_rng_tracker().fork()`` around dropout and initialisation saves and restores CUDA RNG states) and
-``torch.cuda.current_device()`` (e.g. the rotary embedding moves its table there). Nothing is patched on import;
-:func:`enable_cpu_megatron` patches both, and only when ``torch.cuda.is_available()`` is false, so it is a no-op
+megatron-core assumes CUDA in three places that matter for small CPU runs: the tensor-parallel RNG tracker
+(``get_cuda_rng_tracker().fork()`` around dropout and initialisation saves and restores CUDA RNG states),
+``torch.cuda.current_device()`` (e.g. the rotary embedding moves its table there) and ``torch.cuda.synchronize()``
+(``dist_checkpointing`` saves). Nothing is patched on import; :func:`enable_cpu_megatron` patches them, and only when ``torch.cuda.is_available()`` is false, so it is a no-op
 on a GPU machine. Build models with :func:`cpu_model_parallel_kwargs` (``use_cpu_initialization=True``,
-``gradient_accumulation_fusion=False``).
+``gradient_accumulation_fusion=False``) and pass an explicit attention mask (megatron's default causal mask
+is built on ``"cuda"``).
 
 Spec: §4.
 """
@@ -87,6 +88,8 @@ def enable_cpu_megatron() -> bool:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # megatron moves tables with .to(device=torch.cuda.current_device()); on CPU that device is "cpu".
     torch.cuda.current_device = lambda: "cpu"
+    # dist_checkpointing's writer synchronises the device before copying tensors; on CPU there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None
     _ENABLED = True
     logger.info("megatron-core CPU mode: CPU RNG tracker and device lookup installed")
     return True
