@@ -42,30 +42,36 @@ def _gaps(covered: torch.Tensor) -> list[tuple[int, int]]:
 class SliceMap:
     """A 0/1 map ``S: (narrow, wide)`` given by pairs ``(wide_ids[i], narrow_ids[i])``, executed on slices.
 
-    Runs that repeat the same narrow slice at consecutive wide offsets merge into one broadcast of ``count``
-    copies. Each group is the first write to its wide range or a later one (wrap-around), which decides between
-    assignment and accumulation in :meth:`spread`; wide ranges no pair touches (``gaps``) stay ``base``/zero.
+    Pairs are grouped into ``(wide, narrow, length, count, first, blocked)``: the wide range
+    ``[wide, wide + length * count)`` viewed as ``(count, length)`` maps its rows onto the narrow slice
+    ``[narrow, narrow + length)`` (a tiling or wrap), or, when ``blocked``, viewed as ``(length, count)`` maps
+    row ``i`` (``count`` consecutive ids) onto narrow id ``narrow + i`` (a block-sum or interleave). ``first``
+    marks the first write to a wide range (later ones wrap around and accumulate in :meth:`spread`); wide ranges
+    no pair touches (``gaps``) keep ``base`` or zero.
     """
 
     def __init__(self, wide_ids: torch.Tensor, narrow_ids: torch.Tensor, wide: int, narrow: int) -> None:
         self.wide, self.narrow = wide, narrow
         self.wide_ids, self.narrow_ids = wide_ids, narrow_ids
-        merged: list[list[int]] = []  # [wide_start, narrow_start, length, count]
+        tiled: list[list[int]] = []  # [wide_start, narrow_start, length, count]
         for w, n, length in _runs(wide_ids, narrow_ids):
-            last = merged[-1] if merged else None
+            last = tiled[-1] if tiled else None
             if last and last[1] == n and last[2] == length and last[0] + length * last[3] == w:
-                last[3] += 1
+                last[3] += 1  # the same narrow slice again, right after: one more row of a tiling
             else:
-                merged.append([w, n, length, 1])
+                tiled.append([w, n, length, 1])
+        merged = [[*group, False] for group in tiled]  # [wide_start, narrow_start, length, count, blocked]
+        blocked = _blocked_groups(wide_ids, narrow_ids) if len(merged) > 2 else None
+        if blocked is not None and len(blocked) < len(merged):
+            merged = blocked
         covered = torch.zeros(wide, dtype=torch.bool)
-        self.groups: list[tuple[int, int, int, int, bool]] = []  # (wide, narrow, length, count, first)
+        self.groups: list[tuple[int, int, int, int, bool, bool]] = []
         self.sliceable = len(merged) <= MAX_SLICES
-        for w, n, length, count in merged:
+        for w, n, length, count, blocked in merged:
             span = covered[w : w + length * count]
             self.sliceable &= bool(span.all()) or not bool(span.any())
-            self.groups.append((w, n, length, count, not bool(span.any())))
+            self.groups.append((w, n, length, count, not bool(span.any()), blocked))
             span.fill_(True)
-        self.covered = covered
         self.gaps = _gaps(covered)
         self.full_first = bool(self.groups) and self.groups[0][1] == 0 and self.groups[0][2] == narrow
 
@@ -75,22 +81,34 @@ class SliceMap:
         clone.wide_ids, clone.narrow_ids = self.wide_ids.to(device), self.narrow_ids.to(device)
         return clone
 
+    @staticmethod
+    def _views(t: torch.Tensor, w: int, length: int, count: int, blocked: bool) -> tuple[torch.Tensor, int]:
+        """The wide slice of group as ``(T, length, count)`` (blocked) or ``(T, count, length)``, and the
+        dimension that repeats."""
+        span = t[:, w : w + length * count]
+        return (span.unflatten(-1, (length, count)), -1) if blocked else (span.unflatten(-1, (count, length)), -2)
+
     def sum(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x S^T``: ``(T, wide) -> (T, narrow)`` in ``dtype``, accumulating in place (no ``wide`` copy)."""
+        """``x S^T``: ``(T, wide) -> (T, narrow)`` in ``dtype``; a low-precision ``x`` is read slice by slice
+        into the ``dtype`` accumulator (no ``wide`` copy in ``dtype``)."""
         if not self.sliceable:
             picked = x.index_select(-1, self.wide_ids).to(dtype)
             return x.new_zeros(x.shape[0], self.narrow, dtype=dtype).index_add_(-1, self.narrow_ids, picked)
         out = None
-        for w, n, length, count, _ in self.groups:
-            part = x[:, w : w + length * count].unflatten(-1, (count, length))  # (T, count, length)
-            if out is None and self.full_first:
-                out = part.sum(-2, dtype=dtype) if count > 1 else part[:, 0].to(dtype, copy=True)
+        for i, (w, n, length, count, _, blocked) in enumerate(self.groups):
+            part, dim = self._views(x, w, length, count, blocked)
+            if x.dtype == dtype or count == 1:
+                total = part.sum(dim) if count > 1 else part.select(dim, 0).to(dtype, copy=True)
+            else:
+                total = part.select(dim, 0).to(dtype, copy=True)
+                for c in range(1, count):
+                    total += part.select(dim, c)
+            if out is None and i == 0 and self.full_first:
+                out = total
                 continue
             if out is None:
                 out = x.new_zeros(x.shape[0], self.narrow, dtype=dtype)
-            target = out[:, n : n + length]
-            for c in range(count):
-                target += part[:, c]
+            out[:, n : n + length] += total
         return out if out is not None else x.new_zeros(x.shape[0], self.narrow, dtype=dtype)
 
     def spread(self, z: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -99,13 +117,13 @@ class SliceMap:
             out = base.to(dtype, copy=True) if base is not None else z.new_zeros(z.shape[0], self.wide, dtype=dtype)
             return out.index_add_(-1, self.wide_ids, z.index_select(-1, self.narrow_ids).to(dtype))
         out = z.new_empty(z.shape[0], self.wide, dtype=dtype)
-        for w, n, length, count, first in self.groups:
-            target = out[:, w : w + length * count].unflatten(-1, (count, length))  # (T, count, length)
-            source = z[:, n : n + length].unsqueeze(-2)
+        for w, n, length, count, first, blocked in self.groups:
+            target, dim = self._views(out, w, length, count, blocked)
+            source = z[:, n : n + length].unsqueeze(dim)
             if not first:
                 target += source
             elif base is not None:
-                torch.add(base[:, w : w + length * count].unflatten(-1, (count, length)), source, out=target)
+                torch.add(self._views(base, w, length, count, blocked)[0], source, out=target)
             else:
                 target.copy_(source)
         for a, b in self.gaps:
@@ -117,8 +135,28 @@ class SliceMap:
         if not self.sliceable:
             out.index_add_(-1, self.wide_ids, z.index_select(-1, self.narrow_ids).to(out.dtype))
             return
-        for w, n, length, count, _ in self.groups:
-            out[:, w : w + length * count].unflatten(-1, (count, length)).add_(z[:, n : n + length].unsqueeze(-2))
+        for w, n, length, count, _, blocked in self.groups:
+            target, dim = self._views(out, w, length, count, blocked)
+            target.add_(z[:, n : n + length].unsqueeze(dim))
+
+
+def _blocked_groups(wide_ids: torch.Tensor, narrow_ids: torch.Tensor) -> list[list] | None:
+    """Groups for consecutive wide ids whose narrow ids step by 0 or 1 (block-sum, interleave): runs of
+    equal-size blocks as ``[wide_start, narrow_start, blocks, block_size, True]``; ``None`` otherwise."""
+    steps = narrow_ids.diff()
+    if len(wide_ids) < 2 or (wide_ids.diff() != 1).any() or ((steps != 0) & (steps != 1)).any():
+        return None
+    values, sizes = torch.unique_consecutive(narrow_ids, return_counts=True)
+    groups: list[list] = []
+    w = int(wide_ids[0])
+    for n, size in zip(values.tolist(), sizes.tolist()):
+        last = groups[-1] if groups else None
+        if last and last[3] == size and last[1] + last[2] == n:
+            last[2] += 1
+        else:
+            groups.append([w, n, 1, size, True])
+        w += size
+    return groups
 
 
 def _base_output(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None,
@@ -187,9 +225,9 @@ class BlockPlan:
     def __init__(self, comp: SliceMap, dec: SliceMap, n_blocks: int, r_hat: int, k_local: int) -> None:
         self.dec, self.r_hat = dec, r_hat
         self.direct = dec.sliceable and len(dec.narrow_ids.unique()) == len(dec.narrow_ids)
-        stream_groups = dec.groups if self.direct else [(t, t, 1, 1, True) for t in dec.narrow_ids.unique().tolist()]
+        stream_groups = dec.groups if self.direct else [(t, t, 1, 1) for t in dec.narrow_ids.unique().tolist()]
         pieces: dict[int, list] = {}
-        for w, t, length, count, _ in stream_groups:
+        for w, t, length, count, *_ in stream_groups:
             for start, stop in _split(t, t + length * count, r_hat):
                 c = start // r_hat
                 lo, hi, col = start - c * r_hat, stop - c * r_hat, (w + start - t if self.direct else start)
@@ -203,7 +241,7 @@ class BlockPlan:
         self.zero_init = False
         for c in sorted(pieces):
             segments = []
-            for w, t, length, count, _ in comp.groups:
+            for w, t, length, count, *_ in comp.groups:
                 for i in range(count):
                     for start, stop in _split(t, t + length, r_hat):
                         if start // r_hat == c:

@@ -227,8 +227,8 @@ class MoRAOperator:
         dec = SliceMap(torch.arange(d_local), tab.dec_src, d_local, self.stream_width if self.rope else len(self.m_rows))
         if not self.rope:
             return comp, dec
-        if not comp.sliceable:
-            return None
+        if not comp.sliceable or any(group[5] for group in comp.groups + dec.groups):
+            return None  # the block plan reads tilings and wraps only
         plan = BlockPlan(comp, dec, self.n_blocks, self.r_hat, len(self.in_ids))
         return (plan,) if plan.num_matmuls <= 4 * MAX_SLICES else None
 
@@ -331,14 +331,18 @@ class MoRAOperator:
 
     # ---- dense delta ----
     def delta_weight(self, M: torch.Tensor) -> torch.Tensor:
-        """Dense ``dW: (d_local, k_local)`` with ``delta(x) == x @ dW.T``; built by gathers and index_add in at
-        least fp32, no loop over features.
+        """Dense ``dW: (d_local, k_local)`` with ``delta(x) == x @ dW.T``; built by slice adds (or gathers and
+        index_add where the maps are scattered) in at least fp32, no loop over features.
 
         Spec: §2.4.
         """
         tab = self.tables(M.device)
         M = M.to(torch.promote_types(M.dtype, torch.float32))
         k_local = len(self.in_ids)
+        fast = self._fast(M.device)
+        if fast is not None:  # the same slices the forward runs
+            out = M.new_zeros(len(self.out_ids), k_local)
+            return add_delta(out, self.rotated_blocks(M) if self.rope else M, fast, self.rope)
         if not self.rope:
             # (M C)[:, j] = sum over pairs (j, a) of M[:, a]; then row o of dW is row dec_src[o] of M C.
             mc = M.new_zeros(M.shape[0], k_local).index_add(1, tab.comp_src, M.index_select(1, tab.comp_dst))
