@@ -1,5 +1,6 @@
-"""ReMoRA and its baseline ReLoRA: every ``merge_every`` optimizer steps, fold ``dW`` into the frozen base weights, zero ``M`` in every
-copy, reset its optimizer moments, switch the MoRA type and let the scheduler restart the learning rate.
+"""ReMoRA and its baseline ReLoRA as training callbacks. ReMoRA: every ``merge_every`` optimizer steps, fold ``dW``
+into the frozen base weights, zero ``M`` in every copy, reset its optimizer moments, switch the MoRA type and let
+the scheduler restart the learning rate. ReLoRA: the same with LoRA (merge ``(alpha/r) B A``, new ``A``, ``B = 0``).
 
 Correct under ZeRO 0-3, fp32 and bf16, and at tensor-parallel size > 1 (each rank merges its own shard of ``dW``
 locally). Every write to parameters or optimizer state goes through :mod:`mora_dist.training.zero_state`.

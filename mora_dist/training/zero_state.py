@@ -16,7 +16,8 @@ Facts of DeepSpeed 0.19 this relies on: ``safe_set_full_*`` under ZeRO-3 slices 
 when ``p.numel()`` is not divisible by the partition count, so ZeRO-3 writes go through ``safe_set_local_*``
 with this rank's padded slice; when an engine that has already stepped loads a checkpoint, ZeRO-1/2/BF16
 re-link ``_hp_mapping`` without the optimizer-state fragments (the setters then fail with a ``TypeError``),
-which :func:`ensure_state_linked` restores.
+which :func:`ensure_state_linked` restores. :class:`MegatronMPU` gives DeepSpeed the ``mpu`` it expects over
+megatron-core's ``parallel_state``.
 
 Spec: §5.
 """
