@@ -74,6 +74,11 @@ def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
     to_save = plan_modules_to_save(model, config.modules_to_save)
     modules = dict(model.named_modules())
     plan = [(name, layer_r_hat(*_features(modules[name]), config, name)) for name in targets]
+    for name, r_hat in plan:
+        if not isinstance(modules[name], nn.Linear):
+            from mora_dist.parallel.layers import check_megatron_linear
+
+            check_megatron_linear(modules[name], name, config, r_hat)  # sharding errors before any change
 
     model.requires_grad_(False)
     for name, r_hat in plan:

@@ -105,7 +105,7 @@ def _gpt_worker(tp: int, root: str) -> dict:
     from mora_dist import load_mora, merge_mora, save_mora
 
     init_megatron(tp)
-    out = {}
+    out = {"shard_error": _shard_error() if tp == 2 else None}
     for t in TYPES:
         if tp == 4:  # resharding only: load what TP = 2 saved
             model = load_mora(_gpt(tp), f"{root}/adapter_t{t}")
@@ -135,6 +135,18 @@ def _gpt_worker(tp: int, root: str) -> dict:
     return portable(out)
 
 
+def _shard_error() -> tuple[str, str, bool]:
+    """apply_mora with tensor_parallel_sharding='shard' on layers whose M cannot be split: error, model untouched."""
+    from mora_dist import MoRAConfig, apply_mora, mora_layers
+
+    model = _gpt(2)
+    try:
+        apply_mora(model, MoRAConfig(r_hat=8, mora_type=1, target_modules=TARGETS, tensor_parallel_sharding="shard"))
+    except Exception as exc:  # the parent checks type and message
+        return type(exc).__name__, str(exc), any(True for _ in mora_layers(model))
+    return "", "", True
+
+
 def _mora_layers(model):
     from mora_dist import mora_layers
 
@@ -156,8 +168,8 @@ def test_training_at_tp2_matches_tp1(runs, mora_type):
     """Five AdamW steps at TP = 2 give the TP = 1 losses and logits (1e-5).
 
     With type 6 every matrix is replicated, so this fails if the SUM reduction of a replicated matrix's
-    gradient over TP is left out (each rank would step with its partial gradient; seen failing at step 2 with
-    the reduction disabled). With type 2 every matrix is sharded like its base layer, so this fails if a shard
+    gradient over TP is left out (each rank would step with its partial gradient; seen failing on the losses
+    with the reduction disabled). With type 2 every matrix is sharded like its base layer, so this fails if a shard
     reads the wrong rows of the fused qkv / gated fc1 layouts.
     """
     t = f"t{mora_type}"
@@ -206,3 +218,12 @@ def test_merge_at_tp2_equals_merge_at_tp1(runs, mora_type):
         _close(full, expected, 1e-5, name)
     for rank in ranks:
         _close(rank[f"{t}/merged"], rank[f"{t}/trained"], 1e-5, "logits after merge")
+
+
+def test_unshardable_config_raises_before_changing_the_model(runs):
+    """A type whose M cannot follow the base partitions, with ``tensor_parallel_sharding='shard'``: a
+    ``ShardingError`` naming the layer and the fix, raised during planning (no layer wrapped)."""
+    kind, msg, wrapped = runs[2][0]["shard_error"]
+    assert kind == "ShardingError" and not wrapped
+    assert "decoder.layers.0.self_attention.linear_qkv" in msg and "mora_type=1" in msg and "TP=2" in msg
+    assert "tensor_parallel_sharding='auto'" in msg
