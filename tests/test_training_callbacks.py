@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_VOCAB, tiny_llama
+from distributed import run_workers
 
 from mora_dist import MoRAConfig, apply_mora, mora_layers
 from mora_dist.errors import MoRAConfigError
@@ -134,3 +135,47 @@ def test_trainer_adapter_refuses_a_missing_state_file(tmp_path):
                           resume_from=str(tmp_path))
     with pytest.raises(MoRAConfigError, match="mora_callbacks.json"):
         trainer.train()
+
+
+def _deepspeed_trainer_worker(output_dir):
+    from distributed import patch_deepspeed_for_cpu
+
+    from mora_dist.training import zero_state
+
+    patch_deepspeed_for_cpu()
+    torch.manual_seed(0)
+    model = apply_mora(tiny_llama(), MoRAConfig(r=4, target_modules="all-linear", mora_type=1))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+    }
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.0,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], logging_steps=100, seed=0,
+        disable_tqdm=True, deepspeed=ds_config, use_cpu=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+    cb = ReMoRACallback(merge_every=2, type_cycle=(1, 2), restart_warmup=0)
+    trainer.add_callback(TrainerCallbackAdapter([cb], trainer))
+    trainer.train()
+    engine = trainer.model_wrapped
+    matrices = [layer.mora_M for _, layer in mora_layers(engine.module)]
+    return {
+        "engine": type(engine).__name__,
+        "merged": cb.merged_steps,
+        "master_max": max(float(zero_state.get_full(engine.optimizer, M).abs().max()) for M in matrices),
+        "module_max": max(float(M.abs().max()) for M in matrices),
+        "fractions": [h["remora/zeroed_fraction"] for h in trainer.state.log_history if "remora/merges" in h],
+    }
+
+
+def test_trainer_adapter_with_deepspeed_zero2_resets_the_master(tmp_path):
+    """Inside transformers.Trainer with its DeepSpeed integration (ZeRO-2, 2 ranks) the callbacks get the real
+    engine (``trainer.model_wrapped``) and the merge zeroes M's fp32 master and moments too. Catches an adapter
+    that hands the callbacks the Trainer's wrapped optimizer instead of the engine, and a merge at the wrong
+    Trainer step (DeepSpeed's and the Trainer's step counters both read 2 and 4 here)."""
+    for r in run_workers(_deepspeed_trainer_worker, 2, str(tmp_path)):
+        assert r["engine"] == "DeepSpeedEngine"
+        assert r["merged"] == [2, 4] and r["fractions"] == [1.0, 1.0]
+        assert r["master_max"] == 0.0 and r["module_max"] == 0.0
