@@ -73,10 +73,10 @@ def split_corpus(ids: torch.Tensor, held_out: float = 0.05) -> tuple[torch.Tenso
 class ModelSize:
     """Shape of the tiny Llama (SwiGLU, RoPE, RMSNorm), the 250M model of spec §6 scaled down."""
 
-    hidden: int = 256
+    hidden: int = 192
     layers: int = 4
     heads: int = 4
-    intermediate: int = 688
+    intermediate: int = 512
     max_positions: int = 256
 
 
@@ -230,6 +230,17 @@ def write_json(path: Path, payload: dict, *, volatile: dict | None = None) -> No
 
 def size_dict(size: ModelSize) -> dict:
     return asdict(size)
+
+
+def add_model_args(parser) -> None:
+    """``--hidden --layers --heads --intermediate`` with :class:`ModelSize`'s defaults."""
+    default = ModelSize()
+    for name in ("hidden", "layers", "heads", "intermediate"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(default, name))
+
+
+def model_size(args, seq: int) -> ModelSize:
+    return ModelSize(args.hidden, args.layers, args.heads, args.intermediate, max(256, seq))
 
 
 def plot_setup():

@@ -1,17 +1,18 @@
 """Pretraining from scratch (issue 6): full-rank, LoRA, MoRA, ReLoRA and ReMoRA on the shipped Shakespeare corpus,
 same initial weights, same batches, same token budget; the four PEFT methods at the same adapter budget.
 
-The paper's claim (spec §6, 250M on C4): held-out perplexity ReMoRA < MoRA < ReLoRA < LoRA. Here: a 3.2M
-character-level Llama (hidden 256, 4 layers, SwiGLU 688), adapters on every linear layer of the blocks at
-LoRA rank ``r`` (32 by default, MoRA ``r_hat = round(sqrt((k + d) r))``: 128 and 174), embeddings, norms and the
-head trained fully (as in the paper), a restart every ``--merge-every`` steps for ReLoRA/ReMoRA (ReMoRA types
+The paper's claim (spec §6, 250M on C4): held-out perplexity ReMoRA < MoRA < ReLoRA < LoRA. Here: a 1.8M
+character-level Llama (hidden 192, 4 layers, SwiGLU 512), adapters on every linear layer of the blocks at
+LoRA rank ``r`` (24 by default, r / hidden = 1/8 as the paper's 128 / 768 ~ 1/6; MoRA
+``r_hat = round(sqrt((k + d) r))``: 96 and 130), embeddings, norms and the head trained fully (as in the paper),
+300 steps of 16 x 64 characters, a restart every ``--merge-every`` steps for ReLoRA/ReMoRA (4 cycles; ReMoRA types
 1 -> 2 -> 1 ...), jagged cosine learning rate. It also stores the spectra of ``W - W0`` for ``rank_spectra.py``.
 
 Usage::
 
     python benchmarks/pretrain_compare.py                        # default, ~10 min on 2 CPU cores
     python benchmarks/pretrain_compare.py --device cuda --threads 0 --hidden 768 --layers 12 --intermediate 2048 \
-        --heads 12 --steps 4000 --merge-every 1000 --batch 64 --r 128
+        --heads 12 --steps 4000 --merge-every 1000 --batch 64 --seq 256 --r 128
     python benchmarks/pretrain_compare.py --steps 4 --merge-every 2 --hidden 32 --layers 1 --intermediate 48 \
         --heads 2 --batch 2 --seq 16 --eval-windows 4 --warmup 1 --restart-warmup 1 --out /tmp/p.json        # toy (CI)
 
@@ -37,27 +38,24 @@ METHOD_ORDER = ["full", "lora", "mora", "relora", "remora"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHOD_ORDER))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--merge-every", type=int, default=100, help="ReLoRA/ReMoRA restart period T")
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--restart-warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--merge-every", type=int, default=75, help="ReLoRA/ReMoRA restart period T")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--restart-warmup", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--r", type=int, default=32, help="LoRA rank; MoRA gets the same parameter count")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--r", type=int, default=24, help="LoRA rank; MoRA gets the same parameter count")
     p.add_argument("--mora-type", type=int, default=1, help="type of plain MoRA (1 suits large r, spec §2.3)")
     p.add_argument("--remora-types", default="1,2", help="ReMoRA type cycle")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default r: scaling 1)")
     p.add_argument("--lr-full", type=float, default=1e-3)
     p.add_argument("--lr-lora", type=float, default=2e-3)
     p.add_argument("--lr-mora", type=float, default=2e-3)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --seq characters")
+    ev.add_model_args(p)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seq characters")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 leaves it alone")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 leaves it alone")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ev.RESULTS_DIR / "pretrain_compare.json"))
     p.add_argument("--plot", default=None, help="PNG of the curves (default: --out with .png)")
@@ -178,7 +176,7 @@ def markdown_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    size = ev.ModelSize(args.hidden, args.layers, args.heads, args.intermediate, max(256, args.seq))
+    size = ev.model_size(args, args.seq)
     tok = ev.CharTokenizer()
     train_ids, held_ids = ev.split_corpus(tok.encode(ev.load_corpus()))
     windows = held_out_windows(held_ids, args.eval_windows, args.seq)
