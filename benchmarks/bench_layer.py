@@ -191,16 +191,20 @@ def format_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     records = []
-    for dtype_name in args.dtypes.split(","):
-        for shape in args.shapes.split(","):
-            k, d = (int(v) for v in shape.lower().split("x"))
-            records += bench_group(k, d, DTYPES[dtype_name], args, device)
-    print(f"tokens={args.tokens} device={device} threads={torch.get_num_threads()} repeats={args.repeats} "
+    try:
+        for dtype_name in args.dtypes.split(","):
+            for shape in args.shapes.split(","):
+                k, d = (int(v) for v in shape.lower().split("x"))
+                records += bench_group(k, d, DTYPES[dtype_name], args, device)
+    finally:
+        torch.set_num_threads(threads)  # callers (tests) keep their setting
+    print(f"tokens={args.tokens} device={device} threads={args.threads or threads} repeats={args.repeats} "
           f"(medians; 'x base' = ratio to the frozen base layer; size = LoRA rank or MoRA r_hat)")
     print(format_table(records))
     if args.out:
