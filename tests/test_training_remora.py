@@ -143,7 +143,7 @@ def _check_merge_results(results):
         for name, r in rank_result.items():
             bf16 = name.endswith("bf16")
             m = r["metrics"]
-            assert m["remora/merges"] == 1.0 and m["remora/type"] == 1.0, (name, m)
+            assert m["remora/merges"] == 1.0 and m["remora/type"] == 1.0 and m["remora/next_type"] == 2.0, (name, m)
             assert m["remora/zeroed_fraction"] == 1.0, (name, m)
             assert m["remora/delta_norm"] > 0 and m["remora/merge_seconds"] >= 0, (name, m)
             tol = 2e-2 * max(1.0, r["out_scale"]) if bf16 else 1e-5
@@ -239,6 +239,8 @@ def test_resume_mid_cycle_reproduces_uninterrupted_run(tmp_path):
                 assert abs(loss_full - loss_resumed) <= 1e-6, (kind, step, loss_full, loss_resumed)
                 assert lr_full == pytest.approx(lr_resumed, abs=1e-12), (kind, step)
         assert r["W_diff"] <= 1e-6
+        # get_lr() after step n is the rate of step n + 1: the step after each merge starts the restart warmup.
+        assert r["full"][4][1] == 0.0 and r["full"][8][1] == 0.0 and r["full"][5][1] > 0.0
         assert r["type_end"] == 2  # 1 -> 2 at step 4, -> 1 at 8, -> 2 at 12
 
 

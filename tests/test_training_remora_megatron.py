@@ -19,8 +19,9 @@ def _gpt_worker(tp, merge_every=MERGE_EVERY, lr=1e-2):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mora_dist import MoRAConfig, apply_mora
+    from mora_dist.errors import MoRAConfigError
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_kwargs
-    from mora_dist.training.callbacks import CallbackList
+    from mora_dist.training.callbacks import CallbackList, TrainerEngineView
     from mora_dist.training.remora import ReMoRACallback
     from mora_dist.training.zero_state import MegatronMPU
 
@@ -57,19 +58,31 @@ def _gpt_worker(tp, merge_every=MERGE_EVERY, lr=1e-2):
         losses.append(float(loss))
         if metrics:
             merges.append((step, metrics["remora/type"], metrics["remora/delta_norm"], metrics["remora/zeroed_fraction"]))
+    refused = None
+    if tp == 2:  # r_hat=16 divides d: type 2 shards M's rows over TP, type 1 keeps M replicated
+        other = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=96,
+                         max_sequence_length=16, position_embedding_type="rope")
+        apply_mora(other, MoRAConfig(r_hat=16, target_modules=["linear_qkv"], mora_type=1))
+        try:
+            ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=0).on_train_begin(
+                TrainerEngineView(other, None, None, 0))
+        except MoRAConfigError as exc:
+            refused = str(exc)
     close_megatron()
-    return {"losses": losses, "merges": merges}
+    return {"losses": losses, "merges": merges, "refused": refused}
 
 
 def test_tp2_zero1_run_with_merges_matches_tp1():
     """Losses of 12 steps with merges at 4, 8, 12 agree between TP = 2 and TP = 1, and so does the Frobenius norm
     of each merged dW. Catches a rank merging a dW shard built from rank-local ids, a replicated M whose reset or
-    gradient differs between TP ranks, and DeepSpeed's TP-aware optimizer (mpu) diverging after a merge."""
+    gradient differs between TP ranks, and DeepSpeed's TP-aware optimizer (mpu) diverging after a merge. A cycle
+    whose types split M differently over TP is refused at on_train_begin, not at the first merge."""
     (tp1,) = run_workers(_gpt_worker, 1, 1)
     tp2 = run_workers(_gpt_worker, 2, 2)
     assert [m[0] for m in tp1["merges"]] == [4, 8, 12] and [m[1] for m in tp1["merges"]] == [1.0, 2.0, 1.0]
     assert tp1["losses"][4] != pytest.approx(tp1["losses"][3], abs=1e-3)  # training moves the loss
     for r in tp2:
+        assert "cannot use type 2" in r["refused"] and "linear_qkv" in r["refused"], r["refused"]
         assert r["losses"] == pytest.approx(tp1["losses"], abs=1e-5)
         for (step1, type1, norm1, frac1), (step2, type2, norm2, frac2) in zip(tp1["merges"], r["merges"], strict=True):
             assert (step1, type1, frac1) == (step2, type2, frac2) == (step1, type1, 1.0)

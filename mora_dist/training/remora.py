@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mora_dist.config import resolve_mora_type
-from mora_dist.errors import MoRAConfigError
+from mora_dist.errors import MoRAConfigError, MoRAError
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.model import mora_layers
 from mora_dist.training import zero_state
@@ -243,7 +243,8 @@ class ReMoRACallback(RestartCallback):
         restart_warmup: warmup steps after each restart, which the engine's scheduler must have (0: none).
         seed: seed of the pruning masks (identical on every rank).
 
-    Reports per merge: ``remora/merges``, ``remora/type`` (the type just merged), ``remora/delta_norm``
+    Reports per merge: ``remora/merges``, ``remora/type`` (the type just merged) and ``remora/next_type``,
+    ``remora/delta_norm``
     (Frobenius norm of all merged ``dW``), ``remora/zeroed_fraction`` (of M's moments, read back through
     DeepSpeed's getters), ``remora/merge_seconds``.
 
@@ -274,9 +275,11 @@ class ReMoRACallback(RestartCallback):
             for mora_type in self.type_cycle:
                 try:
                     layer._make_operator(mora_type)
-                except MoRAConfigError as exc:
+                except MoRAError as exc:  # odd r_hat for RoPE, or a TP split of M that the type would change
                     raise MoRAConfigError(f"type_cycle={self.type_cycle}: layer {name!r} cannot use type "
                                           f"{mora_type}: {exc}") from exc
+            # Tensor-parallel layers re-plan their shard in _make_operator: end on the layer's own type.
+            layer.operator = layer._make_operator(layer.mora_type)
             if self.merges == 0 and layer.mora_type != self.current_type:
                 raise MoRAConfigError(
                     f"layer {name!r} has mora_type={layer.mora_type} but type_cycle={self.type_cycle} starts with "
@@ -310,7 +313,7 @@ class ReMoRACallback(RestartCallback):
         self.type_index += 1
         for layer in layers:
             layer.set_mora_type(self.current_type)
-        return {"remora/type": float(merged_type)}
+        return {"remora/type": float(merged_type), "remora/next_type": float(self.current_type)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "type_cycle": list(self.type_cycle), "type_index": self.type_index,
