@@ -224,9 +224,11 @@ def _resume_worker(ckpt_dir):
 
 def test_resume_mid_cycle_reproduces_uninterrupted_run(tmp_path):
     """12 steps, merges every 4, checkpoint at 6: a run resumed from 6 (fresh engine, other seed) reproduces steps
-    7-12 and merges 8 and 12 exactly once; so does the first engine rolled back to step 6 in-process. Catches callback state or type not restored, a schedule that does not
-    resume, a merge replayed twice or skipped, and DeepSpeed 0.19 dropping ZeRO-2's optimizer-state links when a
-    stepped engine loads a checkpoint (the reset at step 8 would fail)."""
+    7-12 and merges 8 and 12 exactly once; so does the first engine rolled back to step 6 in-process. The
+    checkpoint at 6 stands for a crash after the merge at 8 and before the next checkpoint: the merge at 8 is
+    replayed once from the pre-merge W and M. Catches callback state or type not restored, a schedule that does
+    not resume, a merge replayed twice or skipped, and DeepSpeed 0.19 dropping ZeRO-2's optimizer-state links when
+    a stepped engine loads a checkpoint (the reset at step 8 would fail)."""
     results = run_workers(_resume_worker, 2, str(tmp_path))
     for r in results:
         assert r["resumed_state"] == {"global_steps": 6, "type": 2, "merged_steps": [4]}

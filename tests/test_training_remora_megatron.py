@@ -57,7 +57,8 @@ def _gpt_worker(tp, merge_every=MERGE_EVERY, lr=1e-2):
         metrics = callbacks.on_step_end(engine)
         losses.append(float(loss))
         if metrics:
-            merges.append((step, metrics["remora/type"], metrics["remora/delta_norm"], metrics["remora/zeroed_fraction"]))
+            merges.append((step, metrics["remora/type"], metrics["remora/delta_norm"],
+                           metrics["remora/zeroed_fraction"]))
     refused = None
     if tp == 2:  # r_hat=16 divides d: type 2 shards M's rows over TP, type 1 keeps M replicated
         other = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=96,

@@ -56,7 +56,8 @@ def test_restarted_cosine_matches_authors_cyclical_schedule():
     for k in (1, 2):
         assert lrs[k * T] == 1e-7 and lrs[k * T + 1] == 1e-7
         assert lrs[k * T + 2] == pytest.approx(2 / WR) and lrs[k * T + WR] == pytest.approx(1.0)
-        assert lrs[k * T - 1] == pytest.approx(ETA + (1 - ETA) * 0.5 * (1 + math.cos(math.pi * (T - 1 - WR) / (T - WR))))
+        end_of_cycle = ETA + (1 - ETA) * 0.5 * (1 + math.cos(math.pi * (T - 1 - WR) / (T - WR)))
+        assert lrs[k * T - 1] == pytest.approx(end_of_cycle)
 
 
 @pytest.mark.parametrize("make", [

@@ -151,7 +151,8 @@ class TrainerEngineView:
     """What callbacks read from an engine, for a ``Trainer`` run without DeepSpeed."""
 
     def __init__(self, module: Any, optimizer: Any, lr_scheduler: Any, global_steps: int) -> None:
-        self.module, self.optimizer, self.lr_scheduler, self.global_steps = module, optimizer, lr_scheduler, global_steps
+        self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
+        self.global_steps = global_steps
 
 
 class TrainerCallbackAdapter(transformers.TrainerCallback):
@@ -206,7 +207,8 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
         self.callbacks.on_save(self._engine(state, model, optimizer, lr_scheduler), {})
         if not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        prefix = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+        folder = os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, self.STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
