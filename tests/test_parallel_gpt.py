@@ -80,6 +80,36 @@ def _train(model) -> list[float]:
     return losses
 
 
+def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2) -> list[float]:
+    """Megatron's own loop pieces: DDP gradient buffers (``main_grad``), accumulation under ``no_sync``,
+    ``finalize_model_grads``; AdamW steps on ``main_grad`` as megatron's FP32 optimizer does."""
+    import contextlib
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    params = [p for p in ddp.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01)
+    ids, pos, mask, labels = _batch()
+    losses = []
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        total = 0.0
+        for i in range(micro_batches):
+            half = slice(i, i + 1)  # one sequence per micro-batch
+            with ddp.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
+                loss = ddp(ids[half], pos[half], mask, labels=labels[half]).mean() / micro_batches
+                loss.backward()
+            total += loss.item()
+        finalize_model_grads([ddp])
+        for p in params:
+            p.grad = p.main_grad
+        opt.step()
+        losses.append(total)
+    return losses
+
+
 def _weights(model) -> dict[str, torch.Tensor]:
     return {name: model.get_submodule(LAYER0 + name).base_layer.weight.detach().clone() for name in WEIGHTS}
 
@@ -106,6 +136,8 @@ def _gpt_worker(tp: int, root: str) -> dict:
 
     init_megatron(tp)
     out = {"shard_error": _shard_error() if tp == 2 else None}
+    if tp != 4:
+        out["ddp_losses"] = _train_megatron_ddp(_adapted(tp, 6))
     for t in TYPES:
         if tp == 4:  # resharding only: load what TP = 2 saved
             model = load_mora(_gpt(tp), f"{root}/adapter_t{t}")
@@ -225,5 +257,16 @@ def test_unshardable_config_raises_before_changing_the_model(runs):
     ``ShardingError`` naming the layer and the fix, raised during planning (no layer wrapped)."""
     kind, msg, wrapped = runs[2][0]["shard_error"]
     assert kind == "ShardingError" and not wrapped
-    assert "decoder.layers.0.self_attention.linear_qkv" in msg and "mora_type=1" in msg and "TP=2" in msg
+    assert msg.startswith("decoder.layers.0.self_attention.linear_proj: ")  # the first layer in model order
+    assert "row-parallel" in msg and "mora_type=1" in msg and "TP=2" in msg and "block-sum compression" in msg
     assert "tensor_parallel_sharding='auto'" in msg
+
+
+def test_megatron_ddp_gradient_accumulation_at_tp2_matches_tp1(runs):
+    """Megatron DDP (``main_grad`` buffers), two micro-batches under ``no_sync`` and ``finalize_model_grads``,
+    replicated matrices (type 6): TP = 2 losses equal TP = 1. Catches a replicated-M reduction that is skipped,
+    doubled by ``finalize_model_grads`` (e.g. if M were tagged ``sequence_parallel``) or lost under accumulation."""
+    ref = runs[1][0]["ddp_losses"]
+    assert ref[-1] < ref[0]
+    for rank in runs[2]:
+        _close(rank["ddp_losses"], ref, 1e-5, "ddp losses")
