@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -66,6 +67,9 @@ def setup_logging(cfg: RunConfig, rank: int) -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # megatron-core warns at import and build about fused CUDA kernels it cannot use on CPU: once is enough.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def write_run_files(cfg: RunConfig, tokenizer, vocab_size: int) -> None:

@@ -1,0 +1,260 @@
+"""The megatron-core backend: a Llama-shaped ``GPTModel`` (local spec, RMSNorm, SwiGLU, RoPE, GQA) split over
+``tensor_model_parallel_size`` ranks, trained by DeepSpeed over the data-parallel groups, and its export.
+
+Export gathers every rank's shard into the TP = 1 layout (column-parallel rows by Megatron's chunk pattern,
+gated ``linear_fc1`` with partition stride 2; row-parallel columns; ``M`` by its shard plan), rebuilds the
+TP = 1 adapted model in this process (a MoRA layer at TP = n computes the TP = 1 function, spec §4), merges
+``dW`` and maps the names to the Hugging Face Llama layout (``linear_qkv`` un-fused per query group into
+q/k/v, ``linear_fc1`` split into gate/up).
+
+Spec: §4.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mora_dist.run import build
+from mora_dist.run.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+_ROW_SPLIT = ("linear_qkv", "linear_fc1", "output_layer", "word_embeddings")  # column-parallel / vocab-parallel
+_COL_SPLIT = ("linear_proj", "linear_fc2")  # row-parallel
+
+
+class _DeepSpeedMPU:
+    """The ``mpu`` interface DeepSpeed reads, answered from megatron-core's ``parallel_state`` (TP only)."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+
+def init_model_parallel(tp: int, seed: int) -> None:
+    """megatron-core's parallel state over the existing process group, CPU shim when CUDA is absent, seeds."""
+    from megatron.core import parallel_state
+
+    from mora_dist.parallel.cpu_shim import cpu_model_parallel_seed, enable_cpu_megatron
+
+    enable_cpu_megatron()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_model_parallel_seed(seed)
+
+
+def build_gpt(cfg: RunConfig, vocab_size: int) -> nn.Module:
+    """The GPTModel of the model section, adapters applied. The CPU init draws every global weight in the same
+    order at any TP size, so TP = 1 and TP = n start from the same function."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mora_dist.parallel.cpu_shim import cpu_model_parallel_kwargs
+
+    a, m = cfg.model.arch(), cfg.model
+    extra = cpu_model_parallel_kwargs() if not torch.cuda.is_available() else {}
+    config = TransformerConfig(
+        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=a["num_heads"],
+        num_query_groups=a["num_kv_heads"], ffn_hidden_size=a["intermediate_size"], gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm", layernorm_epsilon=1e-5,
+        tensor_model_parallel_size=m.tensor_model_parallel_size, params_dtype=build._DTYPES[m.dtype],
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02, **extra,
+    )
+    torch.manual_seed(cfg.training.seed)
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
+                     rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=m.tie_word_embeddings)
+    return build.apply_adapters(cfg, model)
+
+
+def gpt_loss(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss of ``input_ids: (b, s)`` (predicting tokens 1..s-1, as the HF backend does)."""
+    ids, labels = input_ids[:, :-1], input_ids[:, 1:]
+    b, s = ids.shape
+    position_ids = torch.arange(s, device=ids.device).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=ids.device), 1)[None, None]  # True = masked
+    per_token = model(ids, position_ids, mask, labels=labels)  # (b, s)
+    return per_token.float().mean(), labels.numel()
+
+
+class MegatronBackend:
+    """megatron-core tensor parallelism inside, DeepSpeed (ZeRO over the data-parallel groups) outside."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state
+
+        init_model_parallel(cfg.model.tensor_model_parallel_size, cfg.training.seed)
+        self.mpu = _DeepSpeedMPU()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_group = parallel_state.get_data_parallel_group()
+
+    def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int):
+        model = build_gpt(cfg, vocab_size).to(build.device())
+        from mora_dist.model import trainable_summary
+
+        logger.info("%s (%s, TP=%d)", trainable_summary(model), cfg.method, cfg.model.tensor_model_parallel_size)
+        return build.build_engine(cfg, model, accum, mpu=self.mpu), build.build_callbacks(cfg)
+
+    def loss(self, engine: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return gpt_loss(engine, input_ids.to(build.device()))
+
+
+# ---------------------------------------------------------------- export: TP shards -> TP = 1 -> HF Llama
+def _gather(key: str, shards: list[torch.Tensor], tp: int, model1: nn.Module, cfg: RunConfig) -> torch.Tensor:
+    """One TP = 1 tensor from its ``tp`` shards (``model1``: the TP = 1 adapted model, for ``M``'s plan)."""
+    from mora_dist.parallel.layouts import partition_ids, plan_shard
+
+    module_name, _, leaf = key.rpartition(".")
+    short = module_name.split(".")[-1]
+    if tp == 1:
+        return shards[0]
+    if leaf == "mora_M":
+        layer = model1.get_submodule(module_name)
+        kind = "column" if short in _ROW_SPLIT else "row"
+        stride = 2 if short == "linear_fc1" else 1
+        full = torch.zeros(layer.r_hat, layer.r_hat, dtype=shards[0].dtype)
+        for t, shard in enumerate(shards):
+            plan = plan_shard(kind, layer.in_features, layer.out_features, layer.r_hat, layer.mora_type,
+                              tp_size=tp, tp_rank=t, stride=stride, sharding=cfg.mora.tensor_parallel_sharding,
+                              where=module_name)
+            if plan.m_dim is None:  # replicated: every rank holds the same global matrix
+                return shards[0]
+            full.index_copy_(plan.m_dim, plan.m_ids, shard)
+        return full
+    if short in _ROW_SPLIT or short in _COL_SPLIT:
+        dim = 0 if short in _ROW_SPLIT else 1
+        stride = 2 if short == "linear_fc1" else 1
+        size = sum(s.shape[dim] for s in shards)
+        full = torch.empty(*(size if d == dim else n for d, n in enumerate(shards[0].shape)), dtype=shards[0].dtype)
+        for t, shard in enumerate(shards):
+            full.index_copy_(dim, partition_ids(size, tp, t, stride=stride), shard)
+        return full
+    return shards[0]  # replicated over TP (norms)
+
+
+def _single_process_group() -> None:
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
+    """``(cfg, model)``: the run's adapted GPTModel gathered to TP = 1 in this process (adapters unmerged)."""
+    from megatron.core import parallel_state
+
+    from mora_dist.model import set_mora_type
+    from mora_dist.run.checkpoint import current_mora_type, read_model_states, read_run_config
+
+    cfg = read_run_config(run_dir)
+    tp = cfg.model.tensor_model_parallel_size
+    states = [read_model_states(run_dir, tag, mp_rank=t) for t in range(tp)]
+    _single_process_group()
+    if not parallel_state.model_parallel_is_initialized():
+        init_model_parallel(1, cfg.training.seed)
+    cfg1 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tensor_model_parallel_size": 1})})
+    model = build_gpt(cfg1, cfg.model.vocab_size)
+    mora_type = current_mora_type(states[0])
+    if mora_type is not None:
+        set_mora_type(model, mora_type)
+    modules = [s["module"] for s in states]
+    full = {k: _gather(k, [m[k] for m in modules], tp, model, cfg) for k in modules[0] if not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"TP={tp} checkpoint does not fit the TP=1 model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return cfg, model.eval()
+
+
+def megatron_to_hf(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """A ``LlamaForCausalLM`` with the (merged, TP = 1) GPTModel's weights."""
+    import transformers
+
+    a = cfg.model.arch()
+    hd = a["hidden_size"] // a["num_heads"]
+    groups, per_group = a["num_kv_heads"], a["num_heads"] // a["num_kv_heads"]
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.model.vocab_size, hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=groups,
+        max_position_embeddings=cfg.data.seq_len, rope_theta=cfg.model.rope_theta, rms_norm_eps=1e-5,
+        tie_word_embeddings=cfg.model.tie_word_embeddings, attention_bias=False, mlp_bias=False))
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    if not cfg.model.tie_word_embeddings:
+        out["lm_head.weight"] = sd["output_layer.weight"]
+    for i in range(a["num_layers"]):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = sd[src + "self_attention.linear_qkv.weight"].view(groups, (per_group + 2) * hd, -1)
+        q, k, v = qkv.split([per_group * hd, hd, hd], dim=1)  # per query group [q_g; k_g; v_g]
+        gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)  # [gate; up]
+        out.update({
+            dst + "self_attn.q_proj.weight": q.reshape(-1, a["hidden_size"]),
+            dst + "self_attn.k_proj.weight": k.reshape(-1, a["hidden_size"]),
+            dst + "self_attn.v_proj.weight": v.reshape(-1, a["hidden_size"]),
+            dst + "self_attn.o_proj.weight": sd[src + "self_attention.linear_proj.weight"],
+            dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": sd[src + "mlp.linear_fc2.weight"],
+            dst + "input_layernorm.weight": sd[src + "self_attention.linear_qkv.layer_norm_weight"]
+            if src + "self_attention.linear_qkv.layer_norm_weight" in sd else sd[src + "input_layernorm.weight"],
+            dst + "post_attention_layernorm.weight": sd[src + "pre_mlp_layernorm.weight"],
+        })
+    hf.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    return hf.eval()
+
+
+def export_megatron_run(run_dir: str | os.PathLike, *, tag: str | None = None, adapter_only: bool = False):
+    """The model ``launch/export.py`` saves: the TP = 1 adapted GPTModel for ``--adapter-only`` (its
+    ``save_mora`` writes global, TP-agnostic tensors), else the merged Hugging Face Llama (adapters folded)."""
+    from mora_dist.model import unload
+
+    cfg, model = load_megatron_run_tp1(run_dir, tag)
+    if adapter_only:
+        return model
+    return megatron_to_hf(unload(model, merge=True), cfg)
+
