@@ -90,12 +90,12 @@ def _first_layer(engine):
     return next(iter(mora_layers(engine.module)))[1]
 
 
-def _merge_case(stage, bf16, rank):
+def _merge_case(stage, bf16, persistence, rank):
     """Train 4 steps, merge at 4, step once more; returns what the parent asserts."""
     from mora_dist.training import zero_state
     from mora_dist.training.callbacks import CallbackList
 
-    engine = _build_engine(stage=stage, bf16=bf16, persistence=0 if stage == 3 else None)
+    engine = _build_engine(stage=stage, bf16=bf16, persistence=persistence)
     cb = ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=0)
     callbacks = CallbackList([cb])
     callbacks.on_train_begin(engine)
@@ -135,13 +135,14 @@ def _merge_case(stage, bf16, rank):
 
 def _merge_matrix_worker(cases):
     rank = _init()
-    return {f"zero{stage}-{'bf16' if bf16 else 'fp32'}": _merge_case(stage, bf16, rank) for stage, bf16 in cases}
+    return {f"zero{stage}-{'bf16' if bf16 else 'fp32'}-persist{persistence}":
+            _merge_case(stage, bf16, persistence, rank) for stage, bf16, persistence in cases}
 
 
 def _check_merge_results(results):
     for rank_result in results:
         for name, r in rank_result.items():
-            bf16 = name.endswith("bf16")
+            bf16 = "bf16" in name
             m = r["metrics"]
             assert m["remora/merges"] == 1.0 and m["remora/type"] == 1.0 and m["remora/next_type"] == 2.0, (name, m)
             assert m["remora/zeroed_fraction"] == 1.0, (name, m)
@@ -163,14 +164,17 @@ def test_merge_resets_every_copy_fp32_all_zero_stages():
     """After a merge the model computes the same function, M is zero in the module and the fp32 master, its
     moments are zero, and one step later M is a single update from zero. Catches the bug of the authors' ZeRO-2
     run (only the module copy is reset, the master copies the old M back and the update is counted twice) and
-    a ZeRO-3 merge into a partition that is lost or overwritten at the next step (W checked two steps later)."""
-    _check_merge_results(run_workers(_merge_matrix_worker, 2, [(0, False), (1, False), (2, False), (3, False)]))
+    a ZeRO-3 merge into a partition that is lost or overwritten at the next step (W checked two steps later), with
+    the base weight really partitioned (persistence threshold 0) and kept whole on every rank (default)."""
+    cases = [(0, False, None), (1, False, None), (2, False, None), (3, False, 0), (3, False, None)]
+    _check_merge_results(run_workers(_merge_matrix_worker, 2, cases))
 
 
 def test_merge_resets_every_copy_bf16_all_zero_stages():
     """The same in bf16, where the module copy is bf16 and the fp32 master lives in DeepSpeed's flat buffers
     (FP16 unfused optimizer at stage 0, ZeRO 1-3); the output after the merge matches within bf16 rounding of W."""
-    _check_merge_results(run_workers(_merge_matrix_worker, 2, [(0, True), (1, True), (2, True), (3, True)]))
+    cases = [(0, True, None), (1, True, None), (2, True, None), (3, True, 0)]
+    _check_merge_results(run_workers(_merge_matrix_worker, 2, cases))
 
 
 def _resume_worker(ckpt_dir):
