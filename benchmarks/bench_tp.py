@@ -39,8 +39,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
-               "_reduce_scatter_base", "all_gather", "reduce_scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "all_gather",
+    "reduce_scatter",
+)
 VARIANTS = ("base", "mora-6", "mora-2", "lora")
 
 
@@ -86,7 +93,9 @@ class CommCounter:
                 # payload per rank: the all-reduced tensor, the gathered output, the input that is scattered
                 payload = args[1] if "reduce_scatter" in name else args[0]
                 tensors = payload if isinstance(payload, list) else [payload]
-                kind = "all_reduce" if name == "all_reduce" else ("all_gather" if "gather" in name else "reduce_scatter")
+                kind = (
+                    "all_reduce" if name == "all_reduce" else ("all_gather" if "gather" in name else "reduce_scatter")
+                )
                 self.calls[kind] += 1
                 self.bytes[kind] += sum(t.numel() * t.element_size() for t in tensors)
             return original(*args, **kwargs)
@@ -125,10 +134,13 @@ def _build(variant: str, name: str, spec, config, r_hat: int, lora_r: int, max_t
     kind, k, d, stride = spec
     init = torch.nn.init.xavier_normal_
     if kind == "column":
-        base = ColumnParallelLinear(k, d, config=config, init_method=init, bias=False, gather_output=False, stride=stride)
+        base = ColumnParallelLinear(
+            k, d, config=config, init_method=init, bias=False, gather_output=False, stride=stride
+        )
     else:
-        base = RowParallelLinear(k, d, config=config, init_method=init, bias=False, input_is_parallel=True,
-                                 skip_bias_add=False)
+        base = RowParallelLinear(
+            k, d, config=config, init_method=init, bias=False, input_is_parallel=True, skip_bias_add=False
+        )
     base.requires_grad_(False)
     if variant.startswith("mora"):
         cls = MoRAColumnParallelLinear if kind == "column" else MoRARowParallelLinear
@@ -152,12 +164,19 @@ class BridgeLoRA(torch.nn.Module):
         self.base, self.kind = base, kind
         init = torch.nn.init.xavier_normal_
         if kind == "column":
-            self.linear_in = ColumnParallelLinear(k, r, config=config, init_method=init, bias=False, gather_output=True)
-            self.linear_out = ColumnParallelLinear(r, d, config=config, init_method=init, bias=False, gather_output=False)
+            self.linear_in = ColumnParallelLinear(
+                k, r, config=config, init_method=init, bias=False, gather_output=True
+            )
+            self.linear_out = ColumnParallelLinear(
+                r, d, config=config, init_method=init, bias=False, gather_output=False
+            )
         else:
-            self.linear_in = RowParallelLinear(k, r, config=config, init_method=init, bias=False, input_is_parallel=True,
-                                               skip_bias_add=True)
-            self.linear_out = ColumnParallelLinear(r, d, config=config, init_method=init, bias=False, gather_output=True)
+            self.linear_in = RowParallelLinear(
+                k, r, config=config, init_method=init, bias=False, input_is_parallel=True, skip_bias_add=True
+            )
+            self.linear_out = ColumnParallelLinear(
+                r, d, config=config, init_method=init, bias=False, gather_output=True
+            )
 
     def forward(self, x):
         y, bias = self.base(x)
@@ -184,8 +203,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     cpu_model_parallel_seed(0)
     counter = CommCounter()
-    config = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True,
-                                 gradient_accumulation_fusion=False)
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=world, use_cpu_initialization=True, gradient_accumulation_fusion=False
+    )
     records = []
     for name, spec in _layers(args).items():
         kind, k, d, _ = spec
@@ -214,11 +234,20 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                 if i == 0:
                     calls, sent = dict(counter.calls), dict(counter.bytes)
                 counter.active = False
-            records.append(dict(
-                layer=name, tp=world, variant=variant, params=_global_params(layer, variant, k, d, lora_r),
-                r_hat=getattr(layer, "r_hat", r_hat), lora_r=lora_r, calls=calls, bytes=sent, step_ms=1e3 * statistics.median(times[1:]),
-                m_replicated=getattr(getattr(layer, "plan", None), "m_dim", 0) is None,
-            ))
+            records.append(
+                dict(
+                    layer=name,
+                    tp=world,
+                    variant=variant,
+                    params=_global_params(layer, variant, k, d, lora_r),
+                    r_hat=getattr(layer, "r_hat", r_hat),
+                    lora_r=lora_r,
+                    calls=calls,
+                    bytes=sent,
+                    step_ms=1e3 * statistics.median(times[1:]),
+                    m_replicated=getattr(getattr(layer, "plan", None), "m_dim", 0) is None,
+                )
+            )
     if rank == 0:
         queue.put(records)
     parallel_state.destroy_model_parallel()
@@ -240,24 +269,32 @@ def run(world: int, args: argparse.Namespace) -> list[dict]:
 
 def _table(records: list[dict]) -> str:
     base = {(r["layer"], r["tp"]): r for r in records if r["variant"] == "base"}
-    lines = ["| layer | TP | variant | r_hat / r | trainable params | M | added collectives | added bytes/step/rank "
-             "| step ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layer | TP | variant | r_hat / r | trainable params | M | added collectives | added bytes/step/rank "
+        "| step ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         b = base[(r["layer"], r["tp"])]
         added_calls = sum(r["calls"].values()) - sum(b["calls"].values())
         added_bytes = sum(r["bytes"].values()) - sum(b["bytes"].values())
-        detail = ", ".join(f"{k} {v - b['calls'].get(k, 0):+d}" for k, v in sorted(r["calls"].items())
-                           if v != b["calls"].get(k, 0))
+        detail = ", ".join(
+            f"{k} {v - b['calls'].get(k, 0):+d}" for k, v in sorted(r["calls"].items()) if v != b["calls"].get(k, 0)
+        )
         shape = {"base": "", "lora": f"r={r['lora_r']}"}.get(r["variant"], f"r_hat={r['r_hat']}")
         where = ("replicated" if r["m_replicated"] else "sharded") if r["variant"].startswith("mora") else ""
         where = "whole" if where and r["tp"] == 1 else where
         if r["variant"] == "base":
             detail = ", ".join(f"{k} {v}" for k, v in sorted(r["calls"].items()))
-            lines.append(f"| {r['layer']} | {r['tp']} | base | | 0 | | base: {detail or 'none'} "
-                         f"| base: {sum(r['bytes'].values()):,} | {r['step_ms']:.2f} |")
+            lines.append(
+                f"| {r['layer']} | {r['tp']} | base | | 0 | | base: {detail or 'none'} "
+                f"| base: {sum(r['bytes'].values()):,} | {r['step_ms']:.2f} |"
+            )
             continue
-        lines.append(f"| {r['layer']} | {r['tp']} | {r['variant']} | {shape} | {r['params']:,} | {where} | {added_calls:+d} "
-                     f"{'(' + detail + ')' if detail else ''} | {added_bytes:,} | {r['step_ms']:.2f} |")
+        lines.append(
+            f"| {r['layer']} | {r['tp']} | {r['variant']} | {shape} | {r['params']:,} | {where} | {added_calls:+d} "
+            f"{'(' + detail + ')' if detail else ''} | {added_bytes:,} | {r['step_ms']:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 Everything else is Megatron's own: ``DistributedDataParallel`` (gradient buffers, ``main_grad``), gradient
 accumulation under ``no_sync``, ``finalize_model_grads`` and, on GPUs, ``get_megatron_optimizer``. (On CPU the
-loop steps a torch AdamW on ``main_grad``: megatron's optimizer wrappers allocate on ``"cuda"``.) Runs on CPU (gloo, the CPU shim) or on GPUs (nccl)::
+loop steps a torch AdamW on ``main_grad``: megatron's optimizer wrappers allocate on ``"cuda"``.)
+Runs on CPU (gloo, the CPU shim) or on GPUs (nccl)::
 
     torchrun --nproc-per-node 2 examples/megatron_tp.py --tp 2            # 2 processes, TP = 2
     torchrun --nproc-per-node 4 examples/megatron_tp.py --tp 2 --steps 20 # TP = 2 x DP = 2
@@ -72,13 +73,26 @@ def model_provider(tp: int):
 
     extra = {} if torch.cuda.is_available() else cpu_model_parallel_kwargs()
     config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        tensor_model_parallel_size=tp, hidden_dropout=0.0, attention_dropout=0.0, **extra,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        tensor_model_parallel_size=tp,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **extra,
     )
     return GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
     )
 
 
@@ -87,7 +101,8 @@ def batch(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
     return {
-        "tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+        "tokens": tokens[:, :-1].to(device),
+        "labels": tokens[:, 1:].to(device),
         "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).to(device),
         "attention_mask": torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None].to(device),
     }
@@ -112,8 +127,14 @@ def main() -> None:
 
     model = model_provider(args.tp)
     # The one MoRA call: wrap the four Megatron targets; everything but the square matrices is frozen.
-    apply_mora(model, MoRAConfig(r=args.r, mora_type=args.mora_type,
-                                 target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]))
+    apply_mora(
+        model,
+        MoRAConfig(
+            r=args.r,
+            mora_type=args.mora_type,
+            target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+        ),
+    )
     logging.info(trainable_summary(model))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)

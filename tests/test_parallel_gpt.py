@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed import run_workers
 from parallel_setup import close_megatron, init_megatron, portable, restore
 
@@ -18,8 +17,12 @@ VOCAB, SEQ, BATCH, STEPS = 64, 8, 2, 5
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 TYPES = (6, 2)  # 6: every M replicated (rope); 2: every M sharded like the base partitions
 LAYER0 = "decoder.layers.0."
-WEIGHTS = {"self_attention.linear_qkv": ("rows", 1), "mlp.linear_fc1": ("rows", 2),
-           "self_attention.linear_proj": ("cols", 1), "mlp.linear_fc2": ("cols", 1)}
+WEIGHTS = {
+    "self_attention.linear_qkv": ("rows", 1),
+    "mlp.linear_fc1": ("rows", 2),
+    "self_attention.linear_proj": ("cols", 1),
+    "mlp.linear_fc2": ("cols", 1),
+}
 
 
 def _gpt(tp: int):
@@ -31,15 +34,29 @@ def _gpt(tp: int):
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_kwargs
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-        tensor_model_parallel_size=tp, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-        init_method_std=0.2, **cpu_model_parallel_kwargs(),
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        tensor_model_parallel_size=tp,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.2,
+        **cpu_model_parallel_kwargs(),
     )
     torch.manual_seed(0)  # megatron's CPU init draws every global weight in order: the same at every TP size
     return GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
     )
 
 

@@ -8,9 +8,8 @@ Spec: §4.
 from __future__ import annotations
 
 import pytest
-import torch
-
 import reference
+import torch
 from distributed import run_workers
 from parallel_setup import close_megatron, init_megatron, init_normal, portable, restore
 
@@ -44,9 +43,8 @@ def _cases() -> list[dict]:
         case.setdefault("sp", False)
         case.setdefault("fuse", True)
         case["seed"] = 100 + i
-        case["id"] = (
-            f"{case['kind']}-{case['name']}-t{case['type']}{'-sp' if case['sp'] else ''}{'' if case['fuse'] else '-te'}"
-        )
+        suffix = ("-sp" if case["sp"] else "") + ("" if case["fuse"] else "-te")
+        case["id"] = f"{case['kind']}-{case['name']}-t{case['type']}{suffix}"
     return cases
 
 
@@ -73,19 +71,31 @@ def _build(case: dict, tp: int):
     from mora_dist.parallel.layers import MoRAColumnParallelLinear, MoRARowParallelLinear
 
     config = ModelParallelConfig(
-        tensor_model_parallel_size=tp, sequence_parallel=case["sp"] and tp > 1, use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=case["sp"] and tp > 1,
+        use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
     )
     torch.manual_seed(case["seed"])
     if case["kind"] == "column":
         base = ColumnParallelLinear(
-            case["k"], case["d"], config=config, init_method=init_normal(0.2), bias=True, gather_output=False,
+            case["k"],
+            case["d"],
+            config=config,
+            init_method=init_normal(0.2),
+            bias=True,
+            gather_output=False,
             stride=case["stride"],
         )
         cls = MoRAColumnParallelLinear
     else:
         base = RowParallelLinear(
-            case["k"], case["d"], config=config, init_method=init_normal(0.2), bias=True, input_is_parallel=True,
+            case["k"],
+            case["d"],
+            config=config,
+            init_method=init_normal(0.2),
+            bias=True,
+            input_is_parallel=True,
             skip_bias_add=False,
         )
         cls = MoRARowParallelLinear
@@ -120,8 +130,14 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
         assert bias is None
         (y * g).sum().backward()
         out[case["id"]] = dict(
-            y=y.detach(), dx=x.grad, gM=layer.mora_M.grad, m_dim=layer.plan.m_dim, m_ids=layer.plan.m_ids,
-            dW=layer.delta_weight().detach(), M_back=layer.get_global_M(), W=layer.base_layer.weight.detach().clone(),
+            y=y.detach(),
+            dx=x.grad,
+            gM=layer.mora_M.grad,
+            m_dim=layer.plan.m_dim,
+            m_ids=layer.plan.m_ids,
+            dW=layer.delta_weight().detach(),
+            M_back=layer.get_global_M(),
+            W=layer.base_layer.weight.detach().clone(),
         )
     errors = {}
     for name, kwargs in _ERROR_CASES.items():

@@ -3,10 +3,10 @@
 megatron-core assumes CUDA in three places that matter for small CPU runs: the tensor-parallel RNG tracker
 (``get_cuda_rng_tracker().fork()`` around dropout and initialisation saves and restores CUDA RNG states),
 ``torch.cuda.current_device()`` (e.g. the rotary embedding moves its table there) and ``torch.cuda.synchronize()``
-(``dist_checkpointing`` saves). Nothing is patched on import; :func:`enable_cpu_megatron` patches them, and only when ``torch.cuda.is_available()`` is false, so it is a no-op
-on a GPU machine. Build models with :func:`cpu_model_parallel_kwargs` (``use_cpu_initialization=True``,
-``gradient_accumulation_fusion=False``) and pass an explicit attention mask (megatron's default causal mask
-is built on ``"cuda"``).
+(``dist_checkpointing`` saves). Nothing is patched on import; :func:`enable_cpu_megatron` patches them, and only
+when ``torch.cuda.is_available()`` is false, so it is a no-op on a GPU machine. Build models with
+:func:`cpu_model_parallel_kwargs` (``use_cpu_initialization=True``, ``gradient_accumulation_fusion=False``)
+and pass an explicit attention mask (megatron's default causal mask is built on ``"cuda"``).
 
 Spec: §4.
 """
@@ -105,5 +105,7 @@ def cpu_model_parallel_seed(seed: int) -> None:
     tracker = mrandom._CUDA_RNG_STATE_TRACKER
     tracker.reset()
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + parallel_state.get_tensor_model_parallel_rank())
+    tracker.add(
+        mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + parallel_state.get_tensor_model_parallel_rank()
+    )
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)

@@ -110,7 +110,9 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         matrix = torch.zeros(*self.operator.m_shape, dtype=resolve_dtype(mora_dtype), device=base_layer.weight.device)
         self.mora_M = nn.Parameter(matrix)
         sharded = self.plan.m_dim is not None
-        set_tensor_model_parallel_attributes(self.mora_M, sharded, self.plan.m_dim if sharded else -1, self.plan.m_stride)
+        set_tensor_model_parallel_attributes(
+            self.mora_M, sharded, self.plan.m_dim if sharded else -1, self.plan.m_stride
+        )
         self.mora_M.allreduce = True  # reduced over data parallel like any dense parameter
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_state_dict_post_hook(_flatten_base_keys)
@@ -120,14 +122,28 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
     # ---- plan and operator ----
     def _plan(self, mora_type: int, r_hat: int) -> ShardPlan:
         return plan_shard(
-            self.parallel_kind, self.in_features, self.out_features, r_hat, mora_type,
-            tp_size=self.tp_size, tp_rank=self.tp_rank, stride=self.stride, sharding=self.sharding, where=self.name,
+            self.parallel_kind,
+            self.in_features,
+            self.out_features,
+            r_hat,
+            mora_type,
+            tp_size=self.tp_size,
+            tp_rank=self.tp_rank,
+            stride=self.stride,
+            sharding=self.sharding,
+            where=self.name,
         )
 
     def _operator(self, mora_type: int, r_hat: int, plan: ShardPlan) -> MoRAOperator:
         return MoRAOperator(
-            self.in_features, self.out_features, r_hat, mora_type,
-            in_ids=plan.in_ids, out_ids=plan.out_ids, m_rows=plan.m_rows, m_cols=plan.m_cols,
+            self.in_features,
+            self.out_features,
+            r_hat,
+            mora_type,
+            in_ids=plan.in_ids,
+            out_ids=plan.out_ids,
+            m_rows=plan.m_rows,
+            m_cols=plan.m_cols,
         )
 
     def _make_operator(self, mora_type: int) -> MoRAOperator:
@@ -183,8 +199,12 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
             )
             return state
         sharded = make_tp_sharded_tensor_for_checkpoint(
-            self.mora_M, key, tp_axis=self.plan.m_dim, prepend_offsets=sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=dp_group,
+            self.mora_M,
+            key,
+            tp_axis=self.plan.m_dim,
+            prepend_offsets=sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=dp_group,
         )
         if self.plan.m_stride == 2:  # rows [chunk t; chunk t + tp]: megatron's gated-fc1 factory
             sharded = apply_swiglu_sharded_factory(sharded, sharded_offsets)
@@ -198,8 +218,14 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The base layer's local matmul with no collective of its own (ours replace them)."""
         kwargs = dict(
-            input=x, weight=weight, bias=bias, gradient_accumulation_fusion=self.base_layer.gradient_accumulation_fusion,
-            allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None, tp_group=self.tp_group,
+            input=x,
+            weight=weight,
+            bias=bias,
+            gradient_accumulation_fusion=self.base_layer.gradient_accumulation_fusion,
+            allreduce_dgrad=False,
+            sequence_parallel=False,
+            grad_output_buffer=None,
+            tp_group=self.tp_group,
         )
         if not weight.requires_grad:
             kwargs["wgrad_deferral_limit"] = None
@@ -273,7 +299,11 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.base_layer
-        x = input_ if base.input_is_parallel else mm.scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        x = (
+            input_
+            if base.input_is_parallel
+            else mm.scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        )
         if not self.fuse_with_base_comm:
             output_, bias = base(input_)
             return self._forward_beside(x, output_), bias
@@ -339,9 +369,16 @@ def check_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_ha
     _check_base(module, name, fuse)
     group = _tp_group(module)
     plan_shard(
-        cls.parallel_kind, module.input_size, module.output_size, r_hat, config.mora_type,
-        tp_size=dist.get_world_size(group), tp_rank=dist.get_rank(group),
-        stride=_partition_stride(cls.parallel_kind, module, name), sharding=config.tensor_parallel_sharding, where=name,
+        cls.parallel_kind,
+        module.input_size,
+        module.output_size,
+        r_hat,
+        config.mora_type,
+        tp_size=dist.get_world_size(group),
+        tp_rank=dist.get_rank(group),
+        stride=_partition_stride(cls.parallel_kind, module, name),
+        sharding=config.tensor_parallel_sharding,
+        where=name,
     )
 
 
@@ -349,6 +386,12 @@ def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat
     """Wrap one megatron-core (or Transformer Engine) linear layer for :func:`mora_dist.apply_mora`. Spec: §4."""
     cls, fuse = _kind(module)
     return cls(
-        module, r_hat, config.mora_type, name=name, dropout=config.dropout, mora_dtype=config.torch_dtype,
-        sharding=config.tensor_parallel_sharding, fuse_with_base_comm=fuse,
+        module,
+        r_hat,
+        config.mora_type,
+        name=name,
+        dropout=config.dropout,
+        mora_dtype=config.torch_dtype,
+        sharding=config.tensor_parallel_sharding,
+        fuse_with_base_comm=fuse,
     )

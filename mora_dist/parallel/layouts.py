@@ -27,7 +27,10 @@ import torch
 from mora_dist.errors import ShardingError
 from mora_dist.operators import compress_pairs, decompress_sources
 
-SHARDABLE = {"column": "interleave decompression (mora_type 2 or 4)", "row": "block-sum compression (mora_type 2 or 3)"}
+SHARDABLE = {
+    "column": "interleave decompression (mora_type 2 or 4)",
+    "row": "block-sum compression (mora_type 2 or 3)",
+}
 
 
 def partition_ids(size: int, tp_size: int, tp_rank: int, *, stride: int = 1) -> torch.Tensor:
@@ -152,7 +155,9 @@ def plan_shard(
             return ShardPlan(in_ids, out_ids, 0 if layer == "column" else 1, needed[tp_rank], m_stride, "")
         reason = f"the {layer}-parallel shards of this shape need overlapping parts of M"
     if sharding == "shard":
-        raise ShardingError(_shard_error(layer, in_features, out_features, r_hat, mora_type, tp_size, stride, where, reason))
+        raise ShardingError(
+            _shard_error(layer, in_features, out_features, r_hat, mora_type, tp_size, stride, where, reason)
+        )
     return ShardPlan(in_ids, out_ids, None, None, 1, reason)
 
 
@@ -178,10 +183,7 @@ def suggest_r_hat(
     for cand in candidates:
         if cand % tp_size:
             continue
-        plan = plan_shard(
-            layer, in_features, out_features, cand, mora_type, tp_size=tp_size, tp_rank=0, stride=stride
-        )
+        plan = plan_shard(layer, in_features, out_features, cand, mora_type, tp_size=tp_size, tp_rank=0, stride=stride)
         if plan.m_dim is not None:
             return cand
     return None
-
