@@ -145,9 +145,22 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
             _build_error(tp, **kwargs)
         except Exception as exc:  # the parent checks type and message
             errors[name] = (type(exc).__name__, str(exc))
+    errors["type_switch"] = _switch_types(tp)
     out["errors"] = errors
     close_megatron()
     return portable(out)
+
+
+def _switch_types(tp: int) -> tuple[str, str]:
+    """ReMoRA on a sharded M: 2 -> 4 keeps the row split (allowed); 4 -> 1 (tile) would replicate it (error)."""
+    case = dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=2, stride=1, sp=False, fuse=True, seed=1)
+    layer = _build(case, tp)
+    layer.set_mora_type(4)
+    try:
+        layer.set_mora_type(1)
+    except Exception as exc:  # the parent checks type and message
+        return type(exc).__name__, str(exc)
+    return "", ""
 
 
 _ERROR_CASES = {
@@ -267,6 +280,13 @@ def test_sharding_follows_the_type():
         else:
             expected = 1 if aligned and case["type"] in (2, 3) else None
         assert m_dim == expected, case["id"]
+
+
+def test_type_switch_that_changes_the_split_of_m_raises():
+    """``set_mora_type`` may not silently change M's shape under an optimizer: a clear ShardingError."""
+    kind, msg = _results(2)[0]["errors"]["type_switch"]
+    assert kind == "ShardingError"
+    assert "mora_type 4 -> 1" in msg and "TP=2" in msg and "tensor_parallel_sharding='replicate'" in msg
 
 
 def test_unshardable_shape_raises_clear_error():

@@ -265,7 +265,10 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
         else:
             x = input_
         bias = base.bias if not base.skip_bias_add else None
-        output = self.operator.forward(self.mora_dropout(x), self._matrix(), self._linear(x, weight, bias))
+        # The base output is fresh and read by no one else: the adapter adds into it.
+        output = self.operator.forward(
+            self.mora_dropout(x), self._matrix(), self._linear(x, weight, bias), inplace=True
+        )
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = mm.gather_from_tensor_model_parallel_region(output, group=self.tp_group)
@@ -307,7 +310,9 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
         if not self.fuse_with_base_comm:
             output_, bias = base(input_)
             return self._forward_beside(x, output_), bias
-        partial = self.operator.forward(self.mora_dropout(x), self._matrix(), self._linear(x, base.weight, None))
+        partial = self.operator.forward(
+            self.mora_dropout(x), self._matrix(), self._linear(x, base.weight, None), inplace=True
+        )
         if base.sequence_parallel:
             output_ = mm.reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
         else:
