@@ -89,20 +89,17 @@ class SliceMap:
         return (span.unflatten(-1, (length, count)), -1) if blocked else (span.unflatten(-1, (count, length)), -2)
 
     def sum(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x S^T``: ``(T, wide) -> (T, narrow)`` in ``dtype``; a low-precision ``x`` is read slice by slice
-        into the ``dtype`` accumulator (no ``wide`` copy in ``dtype``)."""
+        """``x S^T``: ``(T, wide) -> (T, narrow)`` in ``dtype``, without a ``wide`` copy of ``x`` in ``dtype``
+        (a low-precision ``x`` is reduced in its dtype with fp32 accumulation, rounded once per group)."""
         if not self.sliceable:
             picked = x.index_select(-1, self.wide_ids).to(dtype)
             return x.new_zeros(x.shape[0], self.narrow, dtype=dtype).index_add_(-1, self.narrow_ids, picked)
         out = None
         for i, (w, n, length, count, _, blocked) in enumerate(self.groups):
             part, dim = self._views(x, w, length, count, blocked)
-            if x.dtype == dtype or count == 1:
-                total = part.sum(dim) if count > 1 else part.select(dim, 0).to(dtype, copy=True)
-            else:
-                total = part.select(dim, 0).to(dtype, copy=True)
-                for c in range(1, count):
-                    total += part.select(dim, c)
+            # Mixed-dtype elementwise ops copy whole operands on CPU: reduce in x's dtype (bf16 reductions
+            # accumulate in fp32 on CPU and CUDA), then convert the narrow result once.
+            total = (part.sum(dim) if count > 1 else part.select(dim, 0).clone()).to(dtype)
             if out is None and i == 0 and self.full_first:
                 out = total
                 continue
@@ -116,7 +113,7 @@ class SliceMap:
         if not self.sliceable:
             out = base.to(dtype, copy=True) if base is not None else z.new_zeros(z.shape[0], self.wide, dtype=dtype)
             return out.index_add_(-1, self.wide_ids, z.index_select(-1, self.narrow_ids).to(dtype))
-        out = z.new_empty(z.shape[0], self.wide, dtype=dtype)
+        out, z = z.new_empty(z.shape[0], self.wide, dtype=dtype), z.to(dtype)  # same-dtype adds: no hidden copies
         for w, n, length, count, first, blocked in self.groups:
             target, dim = self._views(out, w, length, count, blocked)
             source = z[:, n : n + length].unsqueeze(dim)
@@ -135,6 +132,7 @@ class SliceMap:
         if not self.sliceable:
             out.index_add_(-1, self.wide_ids, z.index_select(-1, self.narrow_ids).to(out.dtype))
             return
+        z = z.to(out.dtype)  # same-dtype adds: no hidden copies of out
         for w, n, length, count, _, blocked in self.groups:
             target, dim = self._views(out, w, length, count, blocked)
             target.add_(z[:, n : n + length].unsqueeze(dim))
