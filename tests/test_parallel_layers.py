@@ -39,7 +39,13 @@ def _cases() -> list[dict]:
                 dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=t, stride=1, sp=sp, fuse=False),
                 dict(kind="row", name="linear_proj", k=64, d=24, r_hat=8, type=t, stride=1, sp=sp, fuse=False),
             ]
+    for t in (2, 6):  # the base gathers its output / scatters its input itself
+        cases += [
+            dict(kind="column", name="gathered", k=24, d=64, r_hat=8, type=t, stride=1, edge=True),
+            dict(kind="row", name="scattered", k=64, d=24, r_hat=8, type=t, stride=1, edge=True),
+        ]
     for i, case in enumerate(cases):
+        case.setdefault("edge", False)
         case.setdefault("sp", False)
         case.setdefault("fuse", True)
         case["seed"] = 100 + i
@@ -84,7 +90,7 @@ def _build(case: dict, tp: int):
             config=config,
             init_method=init_normal(0.2),
             bias=True,
-            gather_output=False,
+            gather_output=case["edge"],
             stride=case["stride"],
         )
         cls = MoRAColumnParallelLinear
@@ -95,7 +101,7 @@ def _build(case: dict, tp: int):
             config=config,
             init_method=init_normal(0.2),
             bias=True,
-            input_is_parallel=True,
+            input_is_parallel=not case["edge"],
             skip_bias_add=False,
         )
         cls = MoRARowParallelLinear
@@ -121,9 +127,9 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
         sp = case["sp"] and tp > 1
         if case["kind"] == "column":
             x = X.chunk(tp, 0)[rank] if sp else X
-            g = G[..., _rows(case["d"], tp, rank, case["stride"])]
+            g = G if case["edge"] else G[..., _rows(case["d"], tp, rank, case["stride"])]
         else:
-            x = X.chunk(tp, -1)[rank]
+            x = X if case["edge"] else X.chunk(tp, -1)[rank]
             g = G.chunk(tp, 0)[rank] if sp else G
         x = x.clone().requires_grad_(True)
         y, bias = layer(x)
@@ -153,7 +159,8 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
 
 def _switch_types(tp: int) -> tuple[str, str]:
     """ReMoRA on a sharded M: 2 -> 4 keeps the row split (allowed); 4 -> 1 (tile) would replicate it (error)."""
-    case = dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=2, stride=1, sp=False, fuse=True, seed=1)
+    case = dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=2, stride=1, seed=1)
+    case.update(sp=False, fuse=True, edge=False)
     layer = _build(case, tp)
     layer.set_mora_type(4)
     try:
@@ -198,6 +205,8 @@ def _assemble(case: dict, ranks: list[dict], key: str) -> torch.Tensor:
     """The TP = 1 view of a per-rank quantity, from each rank's shard (and a check that replicas agree)."""
     tp, sp, column = len(ranks), case["sp"] and len(ranks) > 1, case["kind"] == "column"
     parts = [r[case["id"]][key] for r in ranks]
+    if case["edge"] and key in ("y", "dx"):  # gathered output (column) / scattered input (row): replicated
+        return _replicated(parts)
     if key == "y":
         if column:
             full = torch.empty(*parts[0].shape[:-1], case["d"])
