@@ -27,3 +27,14 @@ def test_streaming_packing_matches_map_style():
     a = list(tokenize_and_pack(ds, tok, 8)["input_ids"])
     b = [r["input_ids"] for r in tokenize_and_pack(ds.to_iterable_dataset(num_shards=1), tok, 8)]
     assert a == b
+
+
+def test_tokenised_corpus_is_cached_across_loads(tmp_path):
+    """Catches a tokenise function whose fingerprint changes per process (datasets would re-tokenise the whole
+    corpus on every start and on every rank)."""
+    from mora_dist.data import load_text_source
+
+    tok = load_tokenizer(TOKENIZER)
+    first = tokenize_and_pack(load_text_source(path="data/shakespeare/poems.txt.gz", cache_dir=str(tmp_path)), tok, 64)
+    again = tokenize_and_pack(load_text_source(path="data/shakespeare/poems.txt.gz", cache_dir=str(tmp_path)), tok, 64)
+    assert first.cache_files and first.cache_files == again.cache_files
