@@ -1,0 +1,31 @@
+"""Tensor-parallel MoRA for megatron-core: wrappers, rank-local <-> TP = 1 layouts, collectives on ``M``, and a CPU
+shim for megatron-core.
+
+Names load on first use (``layers`` imports megatron-core; ``layouts`` and ``mappings`` need only torch). Spec: §4.
+"""
+
+import importlib
+
+__all__ = [
+    "MoRAColumnParallelLinear",
+    "MoRARowParallelLinear",
+    "ShardPlan",
+    "enable_cpu_megatron",
+    "plan_shard",
+    "suggest_r_hat",
+]
+
+_LAZY = {
+    "MoRAColumnParallelLinear": "layers",
+    "MoRARowParallelLinear": "layers",
+    "ShardPlan": "layouts",
+    "plan_shard": "layouts",
+    "suggest_r_hat": "layouts",
+    "enable_cpu_megatron": "cpu_shim",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
