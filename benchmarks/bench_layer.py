@@ -201,10 +201,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for dtype_name in args.dtypes.split(","):
             for shape in args.shapes.split(","):
                 k, d = (int(v) for v in shape.lower().split("x"))
-                records += bench_group(k, d, DTYPES[dtype_name], args, device)
+                group = bench_group(k, d, DTYPES[dtype_name], args, device)
+                print(format_table(group).split("\n", 2)[2], flush=True)  # progress: rows of this group
+                records += group
     finally:
         torch.set_num_threads(threads)  # callers (tests) keep their setting
-    print(f"tokens={args.tokens} device={device} threads={args.threads or threads} repeats={args.repeats} "
+    print(f"\ntokens={args.tokens} device={device} threads={args.threads or threads} repeats={args.repeats} "
           f"(medians; 'x base' = ratio to the frozen base layer; size = LoRA rank or MoRA r_hat)")
     print(format_table(records))
     if args.out:
