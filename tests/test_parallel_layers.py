@@ -28,7 +28,7 @@ def _cases() -> list[dict]:
             dict(kind="row", name="linear_fc2", k=64, d=24, r_hat=r_even, type=t, stride=1),
             dict(kind="row", name="uneven", k=56, d=20, r_hat=6 if t == 6 else 7, type=t, stride=1),
         ]
-    for t in (1, 2, 6):
+    for t in TYPES:
         cases += [
             dict(kind="column", name="linear_fc1", k=24, d=96, r_hat=8, type=t, stride=2, sp=True),
             dict(kind="row", name="linear_proj", k=64, d=24, r_hat=8, type=t, stride=1, sp=True),
