@@ -59,6 +59,10 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
     if adapter_only:
         from mora_dist.adapter_io import save_mora
 
+        if cfg.remora is not None:
+            logger.warning("--adapter-only on a ReMoRA run: earlier merges live in the base weights of this run's "
+                           "checkpoint, not in the adapter; apply it to that base, or export the merged model")
+
         save_mora(model, out_path)
     else:
         merge_adapters(model).save_pretrained(str(out_path))
