@@ -27,6 +27,7 @@ Spec: §2 (types 1 and 6), §3.1 (LoRA), §6.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ev.RESULTS_DIR / "memorize.json"))
     p.add_argument("--plot", default=None, help="PNG of the curves (default: --out with .png)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     return p.parse_args(argv)
 
 
@@ -165,7 +167,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].legend(fontsize=7, ncol=2)
     cfg = result["config"]
     fig.suptitle(f"Memorising {cfg['pairs']} random {cfg['hex_len']}-hex key:value pairs "
-                 f"({len(cfg['seeds'].split(','))} seeds); dashed: small budget", fontsize=10)
+                 f"({len(cfg['seeds'].split(','))} seeds); dashed: small budget", fontsize=10, y=1.02)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -183,6 +185,11 @@ def markdown_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        result = json.loads(out.read_text(encoding="utf-8"))
+        plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
+        return result
     size = ev.model_size(args, args.seq)
     tok = ev.CharTokenizer()
     t0 = time.perf_counter()
@@ -201,7 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
         s = result["variants"][label]["summary"]
         print(f"{label:12s} params={runs[0]['trainable_params']:>9,d} char={100 * s['final_char_acc']:5.1f}% "
               f"exact={100 * s['final_exact']:5.1f}% ({seconds[label]:.0f}s)", flush=True)
-    out = Path(args.out)
     ev.write_json(out, result, volatile={"machine": ev.machine(), "seconds": seconds})
     plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"))
     print(markdown_table(result))

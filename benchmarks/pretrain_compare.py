@@ -22,6 +22,7 @@ Spec: §3 (ReMoRA), §3.1 (ReLoRA), §6 (reference results).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ev.RESULTS_DIR / "pretrain_compare.json"))
     p.add_argument("--plot", default=None, help="PNG of the curves (default: --out with .png)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHOD_ORDER)
     if unknown:
@@ -155,11 +157,14 @@ def plot(result: dict, path: Path, log_every: int) -> None:
         for restart in res["history"]["restarts"]:
             ax_train.axvline(restart["step"], color="grey", lw=0.4, ls=":")
     ax_train.set(xlabel="step", ylabel=f"train loss (nats/char, mean of {log_every} steps)", title="training loss")
-    ax_eval.set(xlabel="step", ylabel="held-out perplexity (per char)", yscale="log", title="held-out perplexity")
+    late = [e["ppl"] for res in result["methods"].values() for e in res["history"]["eval"] if e["step"] >= 75]
+    if late:
+        ax_eval.set_ylim(min(late) * 0.97, max(late) * 1.03)
+    ax_eval.set(xlabel="step", ylabel="held-out perplexity (per char)", title="held-out perplexity (from step 75)")
     ax_eval.legend(fontsize=8)
     fig.suptitle(f"Pretraining from scratch, {result['config']['model']['hidden']}-wide "
                  f"{result['config']['model']['layers']}-layer char Llama, LoRA r={result['config']['r']} budget",
-                 fontsize=10)
+                 fontsize=10, y=1.02)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -176,6 +181,11 @@ def markdown_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        result = json.loads(out.read_text(encoding="utf-8"))
+        plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"), log_every=10)
+        return result
     size = ev.model_size(args, args.seq)
     tok = ev.CharTokenizer()
     train_ids, held_ids = ev.split_corpus(tok.encode(ev.load_corpus()))
@@ -192,7 +202,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["methods"][method.name] = res
         print(f"{method.name:7s} trainable={res['trainable_params']:>9,d} adapter={res['adapter_params']:>8,d} "
               f"ppl={res['final']['ppl']:.3f} ({seconds[method.name]:.0f}s)", flush=True)
-    out = Path(args.out)
     ev.write_json(out, result, volatile={"machine": ev.machine(), "seconds": seconds})
     plot(result, Path(args.plot) if args.plot else out.with_suffix(".png"), log_every=10)
     print(markdown_table(result))
