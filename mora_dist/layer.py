@@ -152,7 +152,8 @@ class MoRALinear(MoRALayerMixin, nn.Module):
 
     def _fusable(self) -> bool:
         """Whether the frozen base may run inside the adapter's autograd function: a plain ``nn.Linear`` with
-        frozen parameters, no hooks (ZeRO-3 gathers weights in hooks) and no active dropout on the adapter."""
+        frozen parameters, no hooks (ZeRO-3 gathers weights in hooks), no active dropout on the adapter, and no
+        autocast."""
         base = self.base_layer
         return (
             type(base) is nn.Linear
@@ -160,6 +161,7 @@ class MoRALinear(MoRALayerMixin, nn.Module):
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and (isinstance(self.mora_dropout, nn.Identity) or not self.training)
+            and not torch.is_autocast_enabled(base.weight.device.type)  # autocast would cast inside, not in backward
         )
 
     def extra_repr(self) -> str:

@@ -135,3 +135,21 @@ def test_saved_for_backward_is_small(mora_type):
     n_blocks = -(-256 // layer.r_hat)
     rope_saved = n_blocks * layer.r_hat**2 * 4 + 2 * n_blocks * layer.r_hat * 4  # P, and cos/sin for dM
     assert extra == (512 * layer.r_hat * 4 if mora_type == 1 else rope_saved)
+
+
+@pytest.mark.parametrize("tokens", [8, 2048], ids=["adapter_path", "merge_sized"])
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_autocast_bf16_runs_unfused_and_close_to_fp32(mora_type, tokens):
+    """Catches the fused base under autocast: F.linear would autocast inside the function while its backward
+    multiplies a bf16 gradient by an fp32 weight (a dtype error), as HF Trainer's bf16 mode uses autocast."""
+    layer = MoRALinear(nn.Linear(64, 48), r=4, mora_type=mora_type)
+    with torch.no_grad():
+        layer.mora_M.normal_(0, 0.1)
+    x = torch.randn(tokens, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    want = x.detach() @ (layer.base_layer.weight + layer.delta_weight()).T + layer.base_layer.bias
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert layer.mora_M.grad.dtype == torch.float32 and layer.mora_M.grad.abs().sum() > 0
