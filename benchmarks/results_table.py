@@ -11,8 +11,9 @@ benchmark files (training throughput, tensor-parallel timings) are shown as they
 Usage::
 
     python benchmarks/results_table.py --run-layer          # run bench_layer.py (CPU grid below), then tabulate
-    python benchmarks/results_table.py --layer-json benchmarks/results/bench_layer.json \
-        --extra-json benchmarks/results/bench_train.json
+    python benchmarks/bench_tp.py --out benchmarks/results/bench_tp.json           # then, optionally:
+    python benchmarks/bench_train.py --json benchmarks/results/bench_train.json
+    python benchmarks/results_table.py                       # tabulates every JSON found in benchmarks/results/
     python benchmarks/results_table.py --run-layer --layer-args "--tokens 32 --shapes 64x48 --ranks 2 \
         --repeats 1 --warmup 0 --dtypes fp32" --out-dir /tmp/rt                                    # toy (CI)
 
@@ -39,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer-json", default=None, help="bench_layer.py output (default: OUT_DIR/bench_layer.json)")
     p.add_argument("--run-layer", action="store_true", help="run bench_layer.py first, into --layer-json")
     p.add_argument("--layer-args", default=LAYER_GRID, help="arguments for bench_layer.py with --run-layer")
-    p.add_argument("--extra-json", action="append", default=[],
-                   help="other benchmark JSON files (training, tensor parallel) to include; repeatable")
+    p.add_argument("--extra-json", action="append", default=None,
+                   help="other benchmark JSON files to include; repeatable (default: bench_tp.json and "
+                        "bench_train.json in OUT_DIR, those that exist)")
     return p.parse_args(argv)
 
 
@@ -93,7 +95,11 @@ def flat_records(payload) -> list[dict]:
     if isinstance(payload, list):
         records = payload
     else:
-        records = next((v for v in payload.values() if isinstance(v, list) and v and isinstance(v[0], dict)), [])
+        records = next((v for v in payload.values() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
+        if records is None:  # {"results": {"lora": {...}, "mora": {...}}}: one record per key
+            table = next((v for v in payload.values() if isinstance(v, dict) and v
+                          and all(isinstance(r, dict) for r in v.values())), {})
+            records = [{"name": name, **rec} for name, rec in table.items()]
     return [{k: v for k, v in rec.items() if not isinstance(v, (dict, list))} for rec in records]
 
 
@@ -125,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "backward / input size.", ""]
     else:
         sections += [f"Layer benchmark: {layer_json} not found (run with --run-layer).", ""]
-    for extra in args.extra_json:
+    extras = args.extra_json
+    if extras is None:
+        extras = [str(out_dir / name) for name in ("bench_tp.json", "bench_train.json") if (out_dir / name).exists()]
+    for extra in extras:
         path = Path(extra)
         if not path.exists():
             sections += [f"{path.name}: not found.", ""]

@@ -118,3 +118,16 @@ def test_results_table_ratios_are_relative_to_lora_and_base(tmp_path):
     r_hat = results_table.ev.compute_r_hat(40, 24, 2, 1)
     assert rows["mora1 r=2"]["params"] == r_hat * r_hat
     assert "| lora r=2 |" in (tmp_path / "results_table.md").read_text()
+
+
+def test_results_table_reads_list_and_keyed_benchmark_files(tmp_path):
+    """Catches: a benchmark file keyed by method (bench_train.py's {"results": {"lora": {...}}}) silently
+    dropped from the README's cost table, or nested values breaking the markdown."""
+    assert results_table.flat_records({"args": {}, "records": [{"a": 1, "nested": {"x": 1}}]}) == [{"a": 1}]
+    keyed = {"args": {"steps": 3}, "results": {"lora": {"tokens_per_s": 10.0}, "mora": {"tokens_per_s": 9.5}}}
+    assert results_table.flat_records(keyed) == [{"name": "lora", "tokens_per_s": 10.0},
+                                                 {"name": "mora", "tokens_per_s": 9.5}]
+    (tmp_path / "bench_train.json").write_text(json.dumps(keyed))
+    results_table.main(["--out-dir", str(tmp_path)])
+    text = (tmp_path / "results_table.md").read_text()
+    assert "| mora | 9.5 |" in text and "not found (run with --run-layer)" in text
