@@ -137,6 +137,20 @@ class SliceMap:
             target, dim = self._views(out, w, length, count, blocked)
             target.add_(z[:, n : n + length].unsqueeze(dim))
 
+    def add_rows_into(self, out: torch.Tensor, z: torch.Tensor) -> None:
+        """``out += S^T z`` in place along rows, ``out: (wide, K)``, ``z: (narrow, K)``: contiguous row blocks
+        (the transposed :meth:`add_into` would walk ``out`` column by column)."""
+        if not self.sliceable:
+            out.index_add_(0, self.wide_ids, z.index_select(0, self.narrow_ids).to(out.dtype))
+            return
+        z = z.to(out.dtype)
+        for w, n, length, count, _, blocked in self.groups:
+            span = out[w : w + length * count]
+            if blocked:
+                span.unflatten(0, (length, count)).add_(z[n : n + length].unsqueeze(1))
+            else:
+                span.unflatten(0, (count, length)).add_(z[n : n + length].unsqueeze(0))
+
 
 def _blocked_groups(wide_ids: torch.Tensor, narrow_ids: torch.Tensor) -> list[list] | None:
     """Groups for consecutive wide ids whose narrow ids step by 0 or 1 (block-sum, interleave): runs of
@@ -335,7 +349,7 @@ def add_delta(out: torch.Tensor, A: torch.Tensor, fast: tuple, rope: bool) -> to
     if not rope:
         comp, dec = fast
         mc = comp.spread(A, None, out.dtype)  # (rows, k_local): M C
-        dec.add_into(out.t(), mc.t())  # row o of dW is row dec(o) of M C
+        dec.add_rows_into(out, mc)  # row o of dW is row dec(o) of M C
         return out
     plan = fast[0]
     target = out if plan.direct else out.new_zeros(plan.dec.narrow, out.shape[1])  # rows: outputs or stream
@@ -344,7 +358,7 @@ def add_delta(out: torch.Tensor, A: torch.Tensor, fast: tuple, rope: bool) -> to
             for w, n, length, _ in segments:
                 target[col : col + hi - lo, w : w + length] += A[c, lo:hi, n : n + length]
     if not plan.direct:
-        plan.dec.add_into(out.t(), target.t())
+        plan.dec.add_rows_into(out, target)
     return out
 
 
