@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 leaves it alone")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (robust on a shared CPU; use with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_layer.json", help="JSON file for the results ('' for none)")
     return parser.parse_args(argv)
@@ -116,12 +118,12 @@ def saved_activations(module: nn.Module, base: nn.Module, x: torch.Tensor) -> di
     return {"saved_bytes": saved, "saved_ratio": saved / (x.numel() * x.element_size()), "x_kept": record["x_kept"]}
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def bench_group(k: int, d: int, dtype: torch.dtype, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -151,12 +153,13 @@ def bench_group(k: int, d: int, dtype: torch.dtype, args: argparse.Namespace, de
         return run
 
     times = {name: {"fwd": [], "fwd_bwd": [], "dw": []} for name in variants}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for rep in range(args.warmup + args.repeats):
         for phase, make in (("fwd", fwd), ("fwd_bwd", fwd_bwd), ("dw", build_dw)):
             for name, v in variants.items():
                 if phase == "dw" and v["kind"] == "base":
                     continue
-                elapsed = _timed(make(v["module"]), device)
+                elapsed = _timed(make(v["module"]), device, clock)
                 if rep >= args.warmup:
                     times[name][phase].append(elapsed)
     records = []
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         torch.set_num_threads(threads)  # callers (tests) keep their setting
     print(f"\ntokens={args.tokens} device={device} threads={args.threads or threads} repeats={args.repeats} "
+          f"clock={args.clock} "
           f"(medians; 'x base' = ratio to the frozen base layer; size = LoRA rank or MoRA r_hat)")
     print(format_table(records))
     if args.out:

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from mora_dist.autograd import MAX_SLICES, BlockMatrixFn, BlockPlan, MergedWeightFn, SharedMatrixFn, SliceMap, add_delta
+from mora_dist.autograd import (
+    MAX_SLICES,
+    BlockMatrixFn,
+    BlockPlan,
+    MergedWeightFn,
+    SharedMatrixFn,
+    SliceMap,
+    add_delta,
+)
 from mora_dist.config import resolve_mora_type
 from mora_dist.errors import MoRAConfigError, ShardingError
 

@@ -10,8 +10,7 @@ import torch
 from reference import dense_delta
 from torch import nn
 
-import mora_dist.operators as operators
-from mora_dist import MoRALinear
+from mora_dist import MoRALinear, operators
 from mora_dist.autograd import SliceMap
 from mora_dist.operators import MoRAOperator, compute_r_hat, group_ids
 

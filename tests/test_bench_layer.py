@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_layer  # noqa: E402
+import bench_layer
 
 
 @pytest.mark.parametrize("tokens", [32, 1024], ids=["adapter_path", "merged_path"])
