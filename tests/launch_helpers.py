@@ -51,3 +51,14 @@ def scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
     ea = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
     ea.Reload()
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def export_in_process(*args: str) -> None:
+    """``launch/export.py`` with these arguments, in this process (the Hugging Face backend needs no process
+    group; the Megatron one does, so its test runs the script in a subprocess)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mora_export_cli", Path(__file__).parent.parent / "launch/export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(list(args)) == 0

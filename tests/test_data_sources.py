@@ -20,7 +20,7 @@ def _corpus(tmp_path):
 def test_each_format_loads_as_a_text_column(tmp_path):
     _corpus(tmp_path)
     txt = load_text_source(path=str(tmp_path / "a.txt"), cache_dir=str(tmp_path / "cache"))
-    assert [t.strip() for t in txt["text"]] == ["First paragraph,\nstill first.", "Second paragraph."]  # paragraphs, not lines
+    assert [t.strip() for t in txt["text"]] == ["First paragraph,\nstill first.", "Second paragraph."]  # paragraphs
     js = load_text_source(path=str(tmp_path / "b.jsonl"), text_field="body", cache_dir=str(tmp_path / "cache"))
     assert js.column_names == ["text"] and list(js["text"]) == ["doc 0", "doc 1", "doc 2"]
     pq = load_text_source(path=str(tmp_path / "c.parquet"), streaming=True)

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 
 import torch
 import transformers
+from launch_helpers import export_in_process, run, scalars
 
-from launch_helpers import env, run, scalars
 from mora_dist.adapter_io import load_mora
 from mora_dist.data import load_tokenizer
 from mora_dist.run.checkpoint import load_hf_run_model
-
-
-def _export(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "launch/export.py", *args], capture_output=True, text=True, env=env(),
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_continual_pretraining_of_a_local_checkpoint_adapts_and_exports(tmp_path):
@@ -62,9 +54,9 @@ def test_continual_pretraining_of_a_local_checkpoint_adapts_and_exports(tmp_path
         trained = model(input_ids=ids).logits
         assert not torch.allclose(trained, original(input_ids=ids).logits, atol=1e-3)
 
-    _export("--run", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    export_in_process("--run", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
-    _export("--run", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--adapter-only")
+    export_in_process("--run", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--adapter-only")
     adapted = load_mora(transformers.AutoModelForCausalLM.from_pretrained(str(base)), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, trained, atol=1e-4, rtol=1e-4)

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import transformers
-
 from launch_helpers import env, run, scalars
+
 from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
 
 CONFIG = "configs/remora_tiny_megatron_tp2.json"

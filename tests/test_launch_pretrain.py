@@ -7,22 +7,13 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from launch_helpers import FAST, RUN_TIMEOUT_S, TINY, env, export_in_process, launch_cmd, run, scalars
 
-from launch_helpers import FAST, RUN_TIMEOUT_S, TINY, env, launch_cmd, run, scalars
 from mora_dist.run.checkpoint import latest_tag, load_hf_run_model
-
-
-def _export(*args: str) -> None:
-    import sys
-
-    proc = subprocess.run([sys.executable, "launch/export.py", *args], capture_output=True, text=True, env=env(),
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _logits(model, ids):
@@ -55,7 +46,7 @@ def test_tiny_remora_run_learns_merges_and_exports_a_plain_transformers_model(ti
     _, model = load_hf_run_model(out, "step_0000070")
     M = [m for n, m in model.named_parameters() if n.endswith("mora_M")]
     assert max(float(m.detach().abs().max()) for m in M) > 0
-    _export("--run", str(out), "--out", str(tmp_path / "hf"), "--tag", "step_0000070")
+    export_in_process("--run", str(out), "--out", str(tmp_path / "hf"), "--tag", "step_0000070")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     ids = tok(["Friends, Romans, countrymen, lend me your ears"], return_tensors="pt")["input_ids"]

@@ -4,8 +4,8 @@ removed, client state (step, samples, callback state) restored."""
 from __future__ import annotations
 
 import torch
-
 from distributed import patch_deepspeed_for_cpu, run_workers
+
 from mora_dist.run.checkpoint import TMP_PREFIX, clean_stale, latest_tag, list_checkpoints, tag_for
 
 

@@ -22,5 +22,6 @@ def test_rank0_writes_scalars_that_tensorboard_reads_back(tmp_path):
 def test_progress_line_and_perplexity():
     line = ProgressLine(total_steps=100, start_step=40, enabled=False).update(
         50, loss=3.25, lr=1e-3, tokens_per_second=12_345.0, extra="eval 3.1")
-    assert line.startswith("step 50/100 | loss 3.2500 | lr 1.00e-03 | 12.3k tok/s | ETA ") and line.endswith("eval 3.1")
+    assert line.startswith("step 50/100 | loss 3.2500 | lr 1.00e-03 | 12.3k tok/s | ETA ")
+    assert line.endswith("eval 3.1")
     assert perplexity(0.0) == 1.0 and perplexity(1e6) < float("inf")

@@ -57,7 +57,9 @@ class ShardedBatches:
         return torch.tensor(rows, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)
 
 
-def eval_shard(blocks: Sequence[list[int]], *, dp_rank: int, dp_size: int, micro_batch_size: int) -> list[torch.Tensor]:
+def eval_shard(blocks: Sequence[list[int]], *, dp_rank: int, dp_size: int,
+               micro_batch_size: int) -> list[torch.Tensor]:
     """This rank's share (``blocks[r::dp]``) of a held-out set, as ``(<=micro, seq_len)`` batches."""
     mine = list(blocks[dp_rank::dp_size])
-    return [torch.tensor(mine[i : i + micro_batch_size], dtype=torch.long) for i in range(0, len(mine), micro_batch_size)]
+    step = micro_batch_size
+    return [torch.tensor(mine[i : i + step], dtype=torch.long) for i in range(0, len(mine), step)]

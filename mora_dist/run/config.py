@@ -269,7 +269,8 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
     t = cfg.training
     if t.global_batch_size % t.micro_batch_size:
         out.append(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                   f"training.micro_batch_size={t.micro_batch_size}: make it micro x accumulation x data-parallel size")
+                   f"training.micro_batch_size={t.micro_batch_size}: make it micro x accumulation x data-parallel "
+                   "size")
     return out
 
 

@@ -202,7 +202,8 @@ def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
     if mora_type is not None:
         set_mora_type(model, mora_type)
     modules = [s["module"] for s in states]
-    full = {k: _gather(k, [m[k] for m in modules], tp, model, cfg) for k in modules[0] if not k.endswith("_extra_state")}
+    full = {k: _gather(k, [m[k] for m in modules], tp, model, cfg)
+            for k in modules[0] if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(full, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
