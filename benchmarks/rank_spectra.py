@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 leaves it alone")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ev.RESULTS_DIR / "rank_spectra.json"))
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from an existing --out JSON")
     args = p.parse_args(argv)
     if not 0 <= args.restart_warmup < args.merge_every:
         p.error(f"--restart-warmup={args.restart_warmup} must be below --merge-every={args.merge_every}")
@@ -117,7 +118,7 @@ def figure5(pretrain: dict) -> dict:
 
 def plot_spectra(fig5: dict, path: Path) -> None:
     plt = ev.plot_setup()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, res in fig5.items():
         color = ev.METHOD_COLORS.get(name)
         for ax, suffix in zip(axes[:2], ("self_attn.q_proj", "mlp.down_proj")):
@@ -125,13 +126,13 @@ def plot_spectra(fig5: dict, path: Path) -> None:
             if key:
                 sigma = res["sigma"][key]
                 ax.semilogy(range(1, len(sigma) + 1), [s / sigma[0] for s in sigma], label=name, color=color, lw=1.2)
-                ax.set(title=f"spectrum of W - W0: {key.removeprefix('model.')}", xlabel="index i",
+                ax.set(title=f"{key.removeprefix('model.layers.')}: spectrum of W - W0", xlabel="index i",
                        ylabel="sigma_i / sigma_1", ylim=(1e-5, 1.5))
         names = list(res["rank"])
         axes[2].plot(range(len(names)), [res["rank"][n] for n in names], marker="o", ms=2.5, label=name,
                      color=color, lw=1)
-    axes[2].set(title="rank of W - W0 per matrix (sigma > 1e-3 sigma_1)", xlabel="matrix (block-major order)",
-                ylabel="rank")
+    axes[2].set(title="rank of W - W0 per matrix", xlabel="matrix (block-major order)",
+                ylabel="rank (sigma > 1e-3 sigma_1)")
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -139,20 +140,21 @@ def plot_spectra(fig5: dict, path: Path) -> None:
 
 def plot_cycles(result: dict, path: Path) -> None:
     plt = ev.plot_setup()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, res in result["training_cycles"].items():
         x = range(1, len(res["per_cycle"]) + 1)
         axes[0].plot(x, [c["mean_rank"] for c in res["per_cycle"]], marker="o", label=f"types ({label})")
         axes[1].plot(x, [c["loss"] for c in res["per_cycle"]], marker="o", label=f"types ({label})")
     for label, ranks in result["structural"]["ranks"].items():
         axes[2].plot(range(1, len(ranks) + 1), ranks, marker="o", label=f"types ({label})")
-    axes[0].set(title="ReMoRA: mean rank of W - W0 after each cycle", xlabel="cycle", ylabel="rank (1e-3 rel.)")
-    axes[1].set(title="held-out loss at the end of each cycle", xlabel="cycle", ylabel="nats / char")
+    axes[0].set(title="ReMoRA training: mean rank of W - W0", xlabel="cycle", ylabel="rank (sigma > 1e-3 sigma_1)")
+    axes[1].set(title="ReMoRA training: held-out loss", xlabel="cycle", ylabel="nats / char")
     s = result["structural"]
-    axes[2].set(title=f"rank of sum of dW, {s['size']}x{s['size']}, r_hat={s['r_hat']}, random M",
+    axes[2].set(title=f"random M: rank of sum of dW ({s['size']}x{s['size']}, r_hat={s['r_hat']})",
                 xlabel="cycle", ylabel="rank")
     for ax in axes:
         ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -160,6 +162,12 @@ def plot_cycles(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.plot_only:
+        result = json.loads(out.read_text(encoding="utf-8"))
+        if "figure5" in result:
+            plot_spectra(result["figure5"], out.with_name(out.stem + "_methods.png"))
+        plot_cycles(result, out.with_name(out.stem + "_cycles.png"))
+        return result
     result = {"config": {k: v for k, v in vars(args).items()
                          if k not in ("out", "threads", "device", "pretrain_json")}}
     pretrain_path = Path(args.pretrain_json)
