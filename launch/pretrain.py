@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mora_dist.run import build, loop
 
-    build.init_distributed()
+    build.init_distributed(cpu_threads=cfg.training.cpu_threads)
     rank = dist.get_rank()
     setup_logging(cfg, rank)
     import datasets

@@ -47,8 +47,9 @@ def patch_deepspeed_for_cpu() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def init_distributed() -> None:
-    """``deepspeed.init_distributed`` with NCCL on GPUs, gloo (one intra-op thread per local rank) on CPU."""
+def init_distributed(*, cpu_threads: int | None = None) -> None:
+    """``deepspeed.init_distributed`` with NCCL on GPUs, gloo on CPU with ``cpu_threads`` intra-op threads per
+    rank (default: ``$OMP_NUM_THREADS``, else the cores divided among the local ranks)."""
     import deepspeed
 
     if torch.cuda.is_available():
@@ -56,8 +57,12 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return
     patch_deepspeed_for_cpu()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if cpu_threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        cpu_threads = int(os.environ["OMP_NUM_THREADS"])
+    if cpu_threads is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        cpu_threads = max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(cpu_threads)
     deepspeed.init_distributed(dist_backend="gloo")
 
 

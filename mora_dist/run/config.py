@@ -149,6 +149,9 @@ class TrainingSection(_Section):
     log_interval: int = Field(default=1, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0.0)
     seed: int = 1234
+    # CPU only: intra-op threads per rank (None: $OMP_NUM_THREADS, else cores / local ranks). Small models run
+    # fastest on one thread per rank; more threads than free cores slow every rank down many times over.
+    cpu_threads: int | None = Field(default=None, gt=0)
 
 
 class LoggingSection(_Section):
