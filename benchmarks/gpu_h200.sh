@@ -16,11 +16,11 @@ timeout 180 python benchmarks/bench_layer.py --device cuda --threads 0 --dtypes 
   --out "$OUT/bench_layer_h200.json" 2>&1 | tee "$OUT/bench_layer_h200.txt"
 
 timeout 140 python benchmarks/bench_train.py --rounds 1 --hidden 1024 --layers 8 --seq 1024 --batch 8 --steps 30 \
-  --dtype bfloat16 --r 64 --json "$OUT/bench_train_h200.json" 2>&1 | tail -8 | tee "$OUT/bench_train_h200.txt"
+  --dtype bfloat16 --r 64 --json="$OUT/bench_train_h200.json" 2>&1 | tail -8 | tee "$OUT/bench_train_h200.txt"
 
 timeout 180 python -m torch.distributed.run --standalone --nproc_per_node 1 launch/pretrain.py \
   --config configs/remora_250m.json \
-  --set data.sources.0.path=data/shakespeare/plays.txt.gz --set data.sources.0.format=text \
+  --set data.sources.0.path=data/shakespeare/plays.txt.gz --set data.sources.0.format=text --set data.sources.0.eval_blocks=32 \
   --set data.tokenizer=data/shakespeare/tokenizer.json --set data.streaming=false --set data.num_proc=8 \
   --set data.cache_dir=/tmp/hf_cache --set optimizer.torch_adam=true \
   --set training.max_steps=30 --set training.micro_batch_size=16 --set training.global_batch_size=64 \

@@ -83,7 +83,7 @@ class Trainer:
         return state
 
     def _mean_over_dp(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=build.device())  # NCCL reduces device tensors only
         dist.all_reduce(t, group=self.backend.dp_group)
         return (t / self.backend.dp_size).tolist()
 
@@ -102,7 +102,7 @@ class Trainer:
                 loss_sum, count = loss_sum + loss.item() * n, count + n
             sums.extend([loss_sum, count])
         self.engine.train()
-        t = torch.tensor(sums, dtype=torch.float64)
+        t = torch.tensor(sums, dtype=torch.float64, device=build.device())
         dist.all_reduce(t, group=self.backend.dp_group)
         out = {f"eval/{name}/loss": float(t[2 * i] / max(t[2 * i + 1], 1)) for i, name in enumerate(eval_sets)}
         out["eval/loss"] = float(t[0::2].sum() / max(t[1::2].sum(), 1))

@@ -205,7 +205,8 @@ class RestartCallback(Callback):
         mpu = getattr(engine, "mpu", None)
         if mpu is None or not dist.is_initialized() or not hasattr(mpu, "get_tensor_model_parallel_group"):
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        device = engine.device if hasattr(engine, "device") else torch.device("cpu")  # NCCL needs device tensors
+        t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t, group=mpu.get_tensor_model_parallel_group())
         return float(t.item())
 
