@@ -164,7 +164,7 @@ def plot(result: dict, path: Path) -> None:
         axes[1].plot(s["steps"], [100 * a for a in s["mean_exact"]], label=label, color=color, ls=ls, lw=1.2)
     axes[0].set(xlabel="step", ylabel="% (mean over seeds)", title="character accuracy of the value")
     axes[1].set(xlabel="step", title="exact match of the value")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     cfg = result["config"]
     fig.suptitle(f"Memorising {cfg['pairs']} random {cfg['hex_len']}-hex key:value pairs "
                  f"({len(cfg['seeds'].split(','))} seeds); dashed: small budget", fontsize=10, y=1.02)
