@@ -69,7 +69,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     from mora_dist.run.config import validate_run_config
 
     cfg = validate_run_config(run_config(method, args))
-    build.init_distributed()
+    build.init_distributed(cpu_threads=args.threads)
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -120,6 +120,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--zero", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: robust on a shared box)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--json", default=None, help="also write the results here")
@@ -134,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = args.methods.split(",")
     best: dict[str, dict] = {}
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("json", "worker", "methods") and v is not None]
     for rnd in range(args.rounds):
         for method in methods[rnd % len(methods):] + methods[: rnd % len(methods)]:
-            env = {**os.environ, "BENCH_PORT": str(29533 + rnd), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+            env = {**os.environ, "BENCH_PORT": str(29533 + rnd)}
             proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", method], env=env,
                                   capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
