@@ -173,8 +173,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| method | trainable params | char acc (final) | exact (final) | steps to 50% char | steps to 90% char |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | char acc (final) | exact (final) | steps to 50% char "
+             "| steps to 90% char |", "|---|---|---|---|---|---|"]
     for label, res in result["variants"].items():
         s = res["summary"]
         lines.append(f"| {label} | {res['trainable_params']:,} | {100 * s['final_char_acc']:.1f} | "

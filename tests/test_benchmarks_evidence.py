@@ -92,8 +92,9 @@ def test_memorize_reproduces_and_masks_keys(tmp_path):
     assert torch.equal(memorize.make_pairs(5, 4, 0, tok)[0], ids)
     assert not torch.equal(memorize.make_pairs(5, 4, 1, tok)[0], ids)
     out = tmp_path / "m.json"
-    argv = TOY_MODEL + ["--pretrain-steps", "2", "--pretrain-batch", "2", "--seq", "16", "--steps", "4", "--pairs",
-                        "6", "--hex-len", "4", "--seeds", "0,1", "--eval-every", "2", "--ranks", "2", "--out", str(out)]
+    argv = TOY_MODEL + ["--pretrain-steps", "2", "--pretrain-batch", "2", "--seq", "16", "--steps", "4",
+                        "--pairs", "6", "--hex-len", "4", "--seeds", "0,1", "--eval-every", "2", "--ranks", "2",
+                        "--out", str(out)]
     memorize.main(argv)
     first = _without_run(out)
     memorize.main(argv)
