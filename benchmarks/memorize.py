@@ -15,7 +15,7 @@ Learning rates: 3e-3 for LoRA (alpha = 2r) and MoRA alike, the best of {1e-3, 3e
 
 Usage::
 
-    python benchmarks/memorize.py                                   # default, ~10 min on 2 CPU cores
+    python benchmarks/memorize.py                          # default: 21 min measured on 2 shared cores (load ~9)
     python benchmarks/memorize.py --device cuda --threads 0 --hidden 768 --layers 12 --heads 12 --intermediate 2048 \
         --pairs 2048 --hex-len 8 --steps 1000 --seeds 0,1,2,3,4
     python benchmarks/memorize.py --pretrain-steps 2 --steps 4 --pairs 8 --hidden 32 --layers 1 \

@@ -10,7 +10,7 @@ LoRA rank ``r`` (24 by default, r / hidden = 1/8 as the paper's 128 / 768 ~ 1/6;
 
 Usage::
 
-    python benchmarks/pretrain_compare.py                        # default, ~10 min on 2 CPU cores
+    python benchmarks/pretrain_compare.py                        # default: 19 min measured on 2 shared cores (load ~9)
     python benchmarks/pretrain_compare.py --device cuda --threads 0 --hidden 768 --layers 12 --intermediate 2048 \
         --heads 12 --steps 4000 --merge-every 1000 --batch 64 --seq 256 --r 128
     python benchmarks/pretrain_compare.py --steps 4 --merge-every 2 --hidden 32 --layers 1 --intermediate 48 \

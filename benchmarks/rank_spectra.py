@@ -14,7 +14,7 @@ Three parts, one JSON and two PNGs:
 
 Usage::
 
-    python benchmarks/rank_spectra.py                  # default, ~5 min on 2 CPU cores (after pretrain_compare.py)
+    python benchmarks/rank_spectra.py                  # default: 8 min on 2 shared cores (after pretrain_compare)
     python benchmarks/rank_spectra.py --cycles 3 --merge-every 4 --hidden 32 --layers 1 --intermediate 48 --heads 2 \
         --batch 2 --seq 16 --eval-windows 4 --restart-warmup 1 --layer-size 64 --layer-r-hat 16 \
         --pretrain-json /tmp/p.json --out /tmp/r.json                                              # toy (CI)
