@@ -290,7 +290,8 @@ class BlockMatrixFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, P, y, weight, bias, plan: BlockPlan, inplace: bool):
+    def forward(ctx, x, M, y, weight, bias, plan: BlockPlan, inplace: bool, fold):
+        P = fold.rotated_blocks(M)  # (n, r_hat, r_hat); rebuilt in backward rather than saved
         x2, Pc = x.reshape(-1, x.shape[-1]), P.to(x.dtype)  # (T, k), blocks in the compute dtype
         out, dirty = _base_output(x, y, weight, bias, inplace)
         out2 = out.view(-1, out.shape[-1])
@@ -302,16 +303,16 @@ class BlockMatrixFn(torch.autograd.Function):
                     block_out.addmm_(x2[:, w : w + length], Pc[c, lo:hi, n : n + length].t())
         if not plan.direct:
             plan.dec.add_into(out2, target)
-        ctx.plan = plan
-        ctx.save_for_backward(x, P, weight)
+        ctx.plan, ctx.fold = plan, fold
+        ctx.save_for_backward(x, M, weight)
         if dirty:
             ctx.mark_dirty(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, P, weight = ctx.saved_tensors
-        plan = ctx.plan
+        x, M, weight = ctx.saved_tensors
+        plan, P = ctx.plan, ctx.fold.rotated_blocks(M)
         x2, Pc = x.reshape(-1, x.shape[-1]), P.to(x.dtype)
         grad2 = grad.reshape(-1, grad.shape[-1])
         source = grad2 if plan.direct else plan.dec.sum(grad2, x.dtype)  # (T, d) or (T, n * r_hat)
@@ -337,7 +338,8 @@ class BlockMatrixFn(torch.autograd.Function):
                 for a, b in plan.gaps:
                     grad_x[:, a:b] = 0
             grad_x = grad_x.view(x.shape)
-        return grad_x, grad_P, grad if ctx.needs_input_grad[2] else None, None, None, None, None
+        grad_M = ctx.fold.rotated_blocks_adjoint(grad_P) if want_P else None
+        return grad_x, grad_M, grad if ctx.needs_input_grad[2] else None, None, None, None, None, None
 
 
 def add_delta(out: torch.Tensor, A: torch.Tensor, fast: tuple, rope: bool) -> torch.Tensor:
@@ -371,27 +373,31 @@ class MergedWeightFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, A, weight, bias, fast: tuple, rope: bool):
+    def forward(ctx, x, M, weight, bias, fast: tuple, fold):
+        rope, A = fold is not None, M if fold is None else fold.rotated_blocks(M)  # P rebuilt in backward
         merged = add_delta(weight.clone(), A.to(weight.dtype), fast, rope)
         out = torch.nn.functional.linear(x, merged, bias)
-        ctx.fast, ctx.rope = fast, rope
+        ctx.fast, ctx.fold = fast, fold
         saved = x if rope else fast[0].sum(x.reshape(-1, x.shape[-1]), A.dtype)  # x, or u: (T, cols)
-        ctx.save_for_backward(saved, A, weight)
+        ctx.save_for_backward(saved, M, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        saved, A, weight = ctx.saved_tensors
-        grad_x = grad_A = None
+        saved, M, weight = ctx.saved_tensors
+        fold = ctx.fold
+        A = M if fold is None else fold.rotated_blocks(M)
+        grad_x = grad_M = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ add_delta(weight.clone(), A.to(weight.dtype), ctx.fast, ctx.rope)
+            grad_x = grad @ add_delta(weight.clone(), A.to(weight.dtype), ctx.fast, fold is not None)
         if ctx.needs_input_grad[1]:
             grad2 = grad.reshape(-1, grad.shape[-1])
-            if ctx.rope:
-                grad_A = _block_grad_P(grad2, saved.reshape(-1, saved.shape[-1]), ctx.fast[0], A)
+            if fold is not None:
+                grad_P = _block_grad_P(grad2, saved.reshape(-1, saved.shape[-1]), ctx.fast[0], A)
+                grad_M = fold.rotated_blocks_adjoint(grad_P)
             else:
-                grad_A = ctx.fast[1].sum(grad2, A.dtype).t() @ saved
-        return grad_x, grad_A, None, None, None, None
+                grad_M = ctx.fast[1].sum(grad2, M.dtype).t() @ saved
+        return grad_x, grad_M, None, None, None, None
 
 
 def _block_grad_P(grad2: torch.Tensor, x2: torch.Tensor, plan: BlockPlan, P: torch.Tensor) -> torch.Tensor:

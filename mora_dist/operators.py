@@ -322,11 +322,11 @@ class MoRAOperator:
         if fast is None:
             return None
         if weight is not None and weight.dtype.itemsize >= 4 and x.shape[:-1].numel() >= MERGE_MIN_TOKENS:
-            return MergedWeightFn.apply(x, self.rotated_blocks(M) if self.rope else M, weight, bias, fast, self.rope)
+            return MergedWeightFn.apply(x, M, weight, bias, fast, self if self.rope else None)
         if self.rope:
             if x.dtype != (y if weight is None else weight).dtype:
                 return None
-            return BlockMatrixFn.apply(x, self.rotated_blocks(M), y, weight, bias, fast[0], inplace)
+            return BlockMatrixFn.apply(x, M, y, weight, bias, fast[0], inplace, self)
         return SharedMatrixFn.apply(x, M, y, weight, bias, fast[0], fast[1], inplace)
 
     def rotated_blocks(self, M: torch.Tensor) -> torch.Tensor:
@@ -336,6 +336,17 @@ class MoRAOperator:
         half = self.r_hat // 2
         m_tilde = torch.cat([M[:, half:], -M[:, :half]], dim=1)  # (r_hat, r_hat)
         return M * tab.cos.to(M.dtype)[:, None, :] + m_tilde * tab.sin.to(M.dtype)[:, None, :]
+
+    def rotated_blocks_adjoint(self, grad_P: torch.Tensor) -> torch.Tensor:
+        """The transpose of :meth:`rotated_blocks`: ``dM: (r_hat, r_hat)`` from ``dP: (n, r_hat, r_hat)``, so the
+        autograd functions save ``M`` instead of the ``n`` blocks."""
+        tab = self.tables(grad_P.device)
+        half = self.r_hat // 2
+        through_m = (grad_P * tab.cos.to(grad_P.dtype)[:, None, :]).sum(0)  # (r_hat, r_hat)
+        through_tilde = (grad_P * tab.sin.to(grad_P.dtype)[:, None, :]).sum(0)  # dL/dMtilde
+        # Mtilde[:, b] = M[:, b + half] (b < half), -M[:, b - half] (b >= half)
+        return torch.cat([through_m[:, :half] - through_tilde[:, half:], through_m[:, half:] + through_tilde[:, :half]],
+                         dim=1)
 
     # ---- dense delta ----
     def delta_weight(self, M: torch.Tensor) -> torch.Tensor:
