@@ -56,10 +56,11 @@ def test_set_overrides_nested_keys_list_items_and_json_values():
         ({"deepspeed": {"train_batch_size": 64}}, ["deepspeed.train_batch_size=64", "remove it"]),
         ({"model.pretrained": "/no/ckpt"}, ["model.pretrained='/no/ckpt' does not exist"]),
         ({"lora": {"r": 8, "target_modules": "all-linear"}}, ["mora and lora are both set"]),
+        ({"model.backend": "megatron"}, ["tensor_parallel_sharding='replicate'"]),
     ],
     ids=["unknown-key", "unknown-mora-key", "wrong-type", "out-of-range", "bad-mora-type", "missing-corpus",
          "missing-tokenizer", "batch-not-multiple", "type-cycle-mismatch", "cycle-misaligned", "ds-batch-key",
-         "missing-checkpoint", "mora-and-lora"],
+         "missing-checkpoint", "mora-and-lora", "megatron-type-cycle-sharding"],
 )
 def test_bad_config_message_names_key_value_and_fix(edits, expected):
     message = _error(_raw(**edits))
@@ -72,7 +73,8 @@ def test_world_size_rules():
     assert check_world(cfg, 2) == 1 and check_world(cfg, 1) == 2
     with pytest.raises(RunConfigError, match=r"not divisible by micro_batch_size 8 x data-parallel size 3 = 24"):
         check_world(cfg, 3)
-    tp = validate_run_config(_raw(**{"model.backend": "megatron", "model.tensor_model_parallel_size": 2}))
+    tp = validate_run_config(_raw(**{"model.backend": "megatron", "model.tensor_model_parallel_size": 2,
+                                      "mora.tensor_parallel_sharding": "replicate"}))
     assert check_world(tp, 4) == 1
     with pytest.raises(RunConfigError, match="tensor_model_parallel_size=2 does not divide the world size 3"):
         check_world(tp, 3)

@@ -292,6 +292,11 @@ def _check_restarts(cfg: RunConfig, out: list[str]) -> None:
         if first != cfg.mora.mora_type:
             out.append(f"mora.mora_type={cfg.mora.mora_type} but remora.mora_types={cfg.remora.mora_types} starts "
                        f"with {first}: the model is built with the first type of the cycle; make them equal")
+    if (cfg.remora is not None and cfg.mora is not None and cfg.model.backend == "megatron"
+            and cfg.mora.tensor_parallel_sharding == "auto" and len({str(x) for x in cfg.remora.mora_types}) > 1):
+        out.append(f"remora.mora_types={cfg.remora.mora_types} on backend 'megatron' with "
+                   "mora.tensor_parallel_sharding='auto': the types split M differently over TP ranks, so M cannot "
+                   "change type in place; set mora.tensor_parallel_sharding='replicate'")
     if restart is None or s.name != "jagged_cosine":
         return
     T = restart.merge_every
