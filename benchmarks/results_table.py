@@ -14,6 +14,8 @@ Usage::
     python benchmarks/bench_tp.py --out benchmarks/results/bench_tp.json           # then, optionally:
     python benchmarks/bench_train.py --json benchmarks/results/bench_train.json
     python benchmarks/results_table.py                       # tabulates every JSON found in benchmarks/results/
+    python benchmarks/results_table.py --layer-json benchmarks/results/h200/bench_layer_h200.json \
+        --extra-json benchmarks/results/h200/bench_train_h200.json --stem results_table_h200   # GPU figures
     python benchmarks/results_table.py --run-layer --layer-args "--tokens 32 --shapes 64x48 --ranks 2 \
         --repeats 1 --warmup 0 --dtypes fp32" --out-dir /tmp/rt                                    # toy (CI)
 
@@ -37,6 +39,7 @@ LAYER_GRID = "--tokens 2048 --shapes 768x768,2048x2048,2048x5632 --ranks 8,64 --
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default=str(ev.RESULTS_DIR))
+    p.add_argument("--stem", default="results_table", help="name of the .md and .json written to OUT_DIR")
     p.add_argument("--layer-json", default=None, help="bench_layer.py output (default: OUT_DIR/bench_layer.json)")
     p.add_argument("--run-layer", action="store_true", help="run bench_layer.py first, into --layer-json")
     p.add_argument("--layer-args", default=LAYER_GRID, help="arguments for bench_layer.py with --run-layer")
@@ -100,7 +103,18 @@ def flat_records(payload) -> list[dict]:
             table = next((v for v in payload.values() if isinstance(v, dict) and v
                           and all(isinstance(r, dict) for r in v.values())), {})
             records = [{"name": name, **rec} for name, rec in table.items()]
-    return [{k: v for k, v in rec.items() if not isinstance(v, (dict, list))} for rec in records]
+    return [_flatten(rec) for rec in records]
+
+
+def _flatten(record: dict) -> dict:
+    """Scalars as they are; a dict of numbers (collective calls or bytes per kind) as its total."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            flat[f"{key}_total"] = sum(value.values())
+        elif not isinstance(value, (dict, list)):
+            flat[key] = value
+    return flat
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         columns = list(dict.fromkeys(k for rec in records for k in rec))
         sections += [f"## {path.stem}", "", markdown(records, columns), ""]
     text = "\n".join(sections)
-    (out_dir / "results_table.md").write_text(text, encoding="utf-8")
-    ev.write_json(out_dir / "results_table.json", result, volatile={"machine": ev.machine()})
+    (out_dir / f"{args.stem}.md").write_text(text, encoding="utf-8")
+    ev.write_json(out_dir / f"{args.stem}.json", result, volatile={"machine": ev.machine()})
     print(text)
     return result
 

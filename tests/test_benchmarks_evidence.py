@@ -124,7 +124,8 @@ def test_results_table_ratios_are_relative_to_lora_and_base(tmp_path):
 def test_results_table_reads_list_and_keyed_benchmark_files(tmp_path):
     """Catches: a benchmark file keyed by method (bench_train.py's {"results": {"lora": {...}}}) silently
     dropped from the README's cost table, or nested values breaking the markdown."""
-    assert results_table.flat_records({"args": {}, "records": [{"a": 1, "nested": {"x": 1}}]}) == [{"a": 1}]
+    listed = {"args": {}, "records": [{"a": 1, "calls": {"all_reduce": 2, "all_gather": 1}, "tags": ["x"]}]}
+    assert results_table.flat_records(listed) == [{"a": 1, "calls_total": 3}]
     keyed = {"args": {"steps": 3}, "results": {"lora": {"tokens_per_s": 10.0}, "mora": {"tokens_per_s": 9.5}}}
     assert results_table.flat_records(keyed) == [{"name": "lora", "tokens_per_s": 10.0},
                                                  {"name": "mora", "tokens_per_s": 9.5}]
