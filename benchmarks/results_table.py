@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         sections += [f"## {path.stem}", "", markdown(records, columns), ""]
     text = "\n".join(sections)
     (out_dir / f"{args.stem}.md").write_text(text, encoding="utf-8")
-    ev.write_json(out_dir / f"{args.stem}.json", result, volatile={"machine": ev.machine()})
+    ev.write_json(out_dir / f"{args.stem}.json", result)
     print(text)
     return result
 
