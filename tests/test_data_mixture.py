@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from mora_dist.data import MapReader, Mixture, StreamReader
+from mora_dist.data import MapReader, Mixture, StreamReader, split_eval
 from mora_dist.data.mixture import BLOCK
 
 
@@ -59,3 +59,11 @@ def test_stream_reader_reads_forward_across_epochs_and_matches_a_fresh_reader():
     assert [x[0] for x in b.get([9, 12, 15])] == [seq[9], seq[12], seq[15]]
     with pytest.raises(ValueError, match="forward"):
         b.get([3])
+
+
+def test_holding_out_every_block_is_a_clear_error():
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4], [5, 6]]})
+    train, held = split_eval(ds, 1, "c4")
+    assert len(train) == 2 and held == [[1, 2]]
+    with pytest.raises(ValueError, match=r"data source 'c4': eval_blocks=3 holds out all 3 packed blocks"):
+        split_eval(ds, 3, "c4")

@@ -112,9 +112,16 @@ class StreamReader:
         return out
 
 
-def split_eval(ds: datasets.Dataset | datasets.IterableDataset, eval_blocks: int):
-    """``(train, eval_list)``: the first ``eval_blocks`` packed blocks are held out (materialised as lists)."""
+def split_eval(ds: datasets.Dataset | datasets.IterableDataset, eval_blocks: int, source: str = "?"):
+    """``(train, eval_list)``: the first ``eval_blocks`` packed blocks are held out (materialised as lists).
+
+    Raises ``ValueError`` when a map-style source has no blocks left for training.
+    """
     if isinstance(ds, datasets.IterableDataset):
         return ds.skip(eval_blocks), [row["input_ids"] for row in ds.take(eval_blocks)]
-    n = min(eval_blocks, len(ds))
-    return ds.select(range(n, len(ds))), ds.select(range(n))["input_ids"]
+    if eval_blocks >= len(ds):
+        raise ValueError(
+            f"data source {source!r}: eval_blocks={eval_blocks} holds out all {len(ds)} packed blocks; "
+            f"set data.sources.<i>.eval_blocks below {len(ds)} (e.g. {max(1, len(ds) // 20)})"
+        )
+    return ds.select(range(eval_blocks, len(ds))), ds.select(range(eval_blocks))["input_ids"]

@@ -102,7 +102,7 @@ def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_s
             for s in cfg.data.sources:
                 packed = tokenize_and_pack(_raw_source(cfg, s), tokenizer, cfg.data.seq_len,
                                            num_proc=cfg.data.num_proc)
-                train, held_out = split_eval(packed, s.eval_blocks)
+                train, held_out = split_eval(packed, s.eval_blocks, s.name)
                 seed = cfg.training.seed * 1009 + len(readers)
                 if cfg.data.streaming:
                     readers.append(StreamReader(train, seed=seed, shuffle=cfg.data.shuffle,
