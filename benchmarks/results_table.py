@@ -10,7 +10,7 @@ benchmark files (training throughput, tensor-parallel timings) are shown as they
 
 Usage::
 
-    python benchmarks/results_table.py --run-layer          # run bench_layer.py (CPU grid below), then tabulate
+    python benchmarks/results_table.py --run-layer          # run bench_layer.py (issue 2 grid, CPU time), tabulate
     python benchmarks/bench_tp.py --out benchmarks/results/bench_tp.json           # then, optionally:
     python benchmarks/bench_train.py --json benchmarks/results/bench_train.json
     python benchmarks/results_table.py                       # tabulates every JSON found in benchmarks/results/
@@ -33,14 +33,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evidence_common as ev  # noqa: E402
 
-LAYER_GRID = "--tokens 2048 --shapes 768x768,2048x2048,2048x5632 --ranks 8,64 --repeats 5 --warmup 1 --dtypes fp32"
+# Issue 2's grid, timed in process CPU time on one thread: robust to other jobs on a shared CPU.
+LAYER_GRID = "--repeats 5 --warmup 1 --threads 1 --clock cpu --dtypes fp32,bf16"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default=str(ev.RESULTS_DIR))
     p.add_argument("--stem", default="results_table", help="name of the .md and .json written to OUT_DIR")
-    p.add_argument("--layer-json", default=None, help="bench_layer.py output (default: OUT_DIR/bench_layer.json)")
+    p.add_argument("--layer-json", default=None,
+                   help="bench_layer.py output (default: OUT_DIR/bench_layer_cpu_1thread.json)")
     p.add_argument("--run-layer", action="store_true", help="run bench_layer.py first, into --layer-json")
     p.add_argument("--layer-args", default=LAYER_GRID, help="arguments for bench_layer.py with --run-layer")
     p.add_argument("--extra-json", action="append", default=None,
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layer_json = Path(args.layer_json) if args.layer_json else out_dir / "bench_layer.json"
+    layer_json = Path(args.layer_json) if args.layer_json else out_dir / "bench_layer_cpu_1thread.json"
     if args.run_layer:
         import bench_layer
 
@@ -136,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       "torch": payload.get("torch")}
         bench_args = payload.get("args", {})
         sections += [f"## Layer (`bench_layer.py`, {bench_args.get('tokens')} tokens, device "
-                     f"{bench_args.get('device')}, {bench_args.get('threads')} threads, medians of "
-                     f"{bench_args.get('repeats')})", "",
+                     f"{bench_args.get('device')}, {bench_args.get('threads')} threads, "
+                     f"{bench_args.get('clock', 'wall')} clock, medians of {bench_args.get('repeats')})", "",
                      markdown(rows, ["shape", "dtype", "variant", "params", "fwd_x_base", "fwd_bwd_x_base",
                                      "fwd_x_lora", "fwd_bwd_x_lora", "dw_ms", "saved_x_input", "keeps_input"]),
                      "", "`x_base`: time / frozen base layer; `x_lora`: time / LoRA of the same budget; `dw_ms`: "
