@@ -7,14 +7,17 @@ contiguous runs, and as ``index_select``/``index_add`` otherwise. The adjoint of
 other way: the adjoint of tiling is a stride-sum, of interleaving a block-sum, of wrap-padded stride-sum a wrap
 tiling.
 
-Two autograd functions use them, both optionally writing into the base output ``y`` in place:
+Three autograd functions use them:
 
-- ``SharedMatrixFn`` (types 1-4): saves the compressed input ``u`` (``r_hat`` wide, at most the input's
-  precision) and ``M``; the ``k``-wide input is not kept alive. Sums accumulate in ``M``'s dtype.
-- ``BlockMatrixFn`` (type 6): ``y + D blockdiag(P_c) C_pad x`` with the rotation folded into ``P_c = M R_c``
-  (no rotated copy of the input): one matmul per (block, slice) reading the wrap-padded input straight from
-  ``x`` and writing straight into ``y``; blocks whose outputs are truncated away are skipped. Saves ``x`` (by
-  reference) and ``P``. The matmuls run in the input's dtype (as under autocast); ``dP`` is returned in ``P``'s.
+- ``SharedMatrixFn`` (types 1-4): ``y + D(M C(x))``; saves ``u`` (``r_hat`` wide, at the input's precision at
+  most) and ``M``, not the ``k``-wide input.
+- ``BlockMatrixFn`` (type 6): the rotation folded into ``P_c = M R_c``, one matmul per (block, slice) from
+  ``x`` straight into the output, truncated blocks skipped; saves ``x`` (by reference) and ``M``. Its matmuls
+  run in the input's dtype (as under autocast).
+- ``MergedWeightFn``: ``x (W + dW)^T + b`` for a frozen fp32 base, one GEMM forward and one for ``dX``.
+
+The first two add into ``y`` in place on request, or compute a frozen base inside (its ``dX`` is then the
+buffer the adapter's accumulates into). Dense ``dW`` (:func:`add_delta`) runs on the same slices.
 
 Spec: §2.1, §2.2.
 """
@@ -284,9 +287,10 @@ def _split(start: int, stop: int, r_hat: int) -> list[tuple[int, int]]:
 
 
 class BlockMatrixFn(torch.autograd.Function):
-    """``y + D blockdiag(P_0, ..) C_pad(x)`` for ``x: (..., k)``, ``P: (n, r_hat, r_hat)``, ``y: (..., d)``.
+    """``y + D blockdiag(P_0, ..) C_pad(x)`` for ``x: (..., k)``, ``M: (r_hat, r_hat)``, ``y: (..., d)``; type 6.
 
-    Type 6 with the rotation folded into ``P``. Spec: §2.1 rotate-reshape, §2.2.
+    ``fold`` (the operator) gives ``P = fold.rotated_blocks(M): (n, r_hat, r_hat)`` and the adjoint back to
+    ``dM``; ``weight``/``bias`` as in :class:`SharedMatrixFn`. Spec: §2.1 rotate-reshape, §2.2.
     """
 
     @staticmethod
