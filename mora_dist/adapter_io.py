@@ -101,10 +101,14 @@ def load_mora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers = dict(mora_layers(model))
     missing = sorted(set(layers) - set(matrices))
     if missing:
-        raise AdapterLoadError(f"adapter at {path} has no matrix for module(s) {missing[:5]}; was it saved from this model?")
+        raise AdapterLoadError(
+            f"adapter at {path} has no matrix for module(s) {missing[:5]}; was it saved from this model?"
+        )
     for name, M in matrices.items():
         if name not in layers:
-            raise AdapterLoadError(f"adapter at {path} has a matrix for {name!r}, which is not a MoRA layer of the model")
+            raise AdapterLoadError(
+                f"adapter at {path} has a matrix for {name!r}, which is not a MoRA layer of the model"
+            )
         expected = (layers[name].r_hat, layers[name].r_hat)
         if tuple(M.shape) != expected:
             raise AdapterLoadError(
@@ -122,7 +126,8 @@ def load_mora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 raise AdapterLoadError(f"adapter at {path} saves {name!r}, which the model does not have")
             if params[name].shape != value.shape:
                 raise AdapterLoadError(
-                    f"module parameter {name!r}: adapter has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}"
+                    f"module parameter {name!r}: adapter has shape {tuple(value.shape)}, "
+                    f"model has {tuple(params[name].shape)}"
                 )
             with torch.no_grad():
                 params[name].copy_(value)

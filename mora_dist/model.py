@@ -21,9 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 def _is_megatron_linear(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(("megatron.core", "transformer_engine")) and hasattr(
-        module, "input_size"
-    ) and hasattr(module, "output_size")
+    return (
+        type(module).__module__.startswith(("megatron.core", "transformer_engine"))
+        and hasattr(module, "input_size")
+        and hasattr(module, "output_size")
+    )
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -34,7 +36,11 @@ def _is_candidate(module: nn.Module) -> bool:
 
 def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: str) -> int:
     """``r_hat`` of one layer under ``config``, validated. Spec: §2."""
-    r_hat = config.r_hat if config.r_hat is not None else compute_r_hat(in_features, out_features, config.r, config.mora_type)
+    r_hat = (
+        config.r_hat
+        if config.r_hat is not None
+        else compute_r_hat(in_features, out_features, config.r, config.mora_type)
+    )
     try:
         check_r_hat(in_features, out_features, r_hat, config.mora_type, where=name)
     except MoRAConfigError as exc:
@@ -91,7 +97,11 @@ def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
     trainable, total = count_parameters(model)
     logger.info(
         "MoRA type %d on %d layers; trainable params: %d || all params: %d || trainable%%: %.4f",
-        config.mora_type, len(plan), trainable, total, 100.0 * trainable / max(total, 1),
+        config.mora_type,
+        len(plan),
+        trainable,
+        total,
+        100.0 * trainable / max(total, 1),
     )
     return model
 
@@ -122,7 +132,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_summary(model: nn.Module) -> str:
     """PEFT-style line: ``trainable params: N || all params: M || trainable%: P``."""
     trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    percent = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

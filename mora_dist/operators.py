@@ -232,7 +232,8 @@ class MoRAOperator:
         tab = self._cpu
         comp = SliceMap(tab.comp_src, tab.comp_dst, len(self.in_ids), self.stream_width)
         d_local = len(self.out_ids)
-        dec = SliceMap(torch.arange(d_local), tab.dec_src, d_local, self.stream_width if self.rope else len(self.m_rows))
+        z_width = self.stream_width if self.rope else len(self.m_rows)
+        dec = SliceMap(torch.arange(d_local), tab.dec_src, d_local, z_width)
         if not self.rope:
             return comp, dec
         if not comp.sliceable or any(group[5] for group in comp.groups + dec.groups):
@@ -345,8 +346,9 @@ class MoRAOperator:
         through_m = (grad_P * tab.cos.to(grad_P.dtype)[:, None, :]).sum(0)  # (r_hat, r_hat)
         through_tilde = (grad_P * tab.sin.to(grad_P.dtype)[:, None, :]).sum(0)  # dL/dMtilde
         # Mtilde[:, b] = M[:, b + half] (b < half), -M[:, b - half] (b >= half)
-        return torch.cat([through_m[:, :half] - through_tilde[:, half:], through_m[:, half:] + through_tilde[:, :half]],
-                         dim=1)
+        first = through_m[:, :half] - through_tilde[:, half:]
+        second = through_m[:, half:] + through_tilde[:, :half]
+        return torch.cat([first, second], dim=1)
 
     # ---- dense delta ----
     def delta_weight(self, M: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,10 @@ def test_round_trip_reproduces_logits(tmp_path, token_ids, mora_type):
     with torch.no_grad():
         model.lm_head.weight.add_(0.1)
     save_mora(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp dir left behind
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.mora_M" in keys
@@ -43,7 +46,11 @@ def test_round_trip_reproduces_logits(tmp_path, token_ids, mora_type):
 def test_mismatched_model_names_module_and_shapes(tmp_path):
     save_mora(_trained(1), tmp_path / "adapter")
     wider = _base(hidden_size=64)
-    with pytest.raises(AdapterLoadError, match=r"module 'model\.layers\.\d\.\w+\.\w+_proj': adapter matrix has shape \(\d+, \d+\), the model's layer expects \(\d+, \d+\)"):
+    with pytest.raises(
+        AdapterLoadError,
+        match=r"module 'model\.layers\.\d\.\w+\.\w+_proj': adapter matrix has shape \(\d+, \d+\), "
+        r"the model's layer expects \(\d+, \d+\)",
+    ):
         load_mora(wider, tmp_path / "adapter")
 
 
@@ -75,8 +82,16 @@ def test_loads_adapters_of_the_authors_peft_fork(tmp_path, token_ids, mora_type)
         expected_weights[name] = module.weight.double() + dense_delta(M, k, d, mora_type)
     path = tmp_path / "authors"
     path.mkdir()
-    config = {"peft_type": "LORA", "use_mora": True, "mora_type": mora_type, "r": 8, "lora_alpha": 16,
-              "lora_dropout": 0.05, "target_modules": targets, "task_type": "CAUSAL_LM"}
+    config = {
+        "peft_type": "LORA",
+        "use_mora": True,
+        "mora_type": mora_type,
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "target_modules": targets,
+        "task_type": "CAUSAL_LM",
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     save_file(tensors, str(path / "adapter_model.safetensors"))
 

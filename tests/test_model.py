@@ -45,7 +45,9 @@ def test_adapted_model_starts_equal_trains_and_merges_exactly(tiny_causal_lm, to
 
 def test_only_matrices_and_modules_to_save_train():
     model = tiny_llama()
-    apply_mora(model, MoRAConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    apply_mora(
+        model, MoRAConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    )
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == sorted(
         [f"model.layers.{i}.self_attn.{p}.mora_M" for i in range(2) for p in ("q_proj", "v_proj")]
@@ -58,7 +60,11 @@ def test_only_matrices_and_modules_to_save_train():
     ("targets", "exclude", "expected"),
     [
         (["q_proj"], None, {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}),
-        (r"model\.layers\.1\.mlp\.(gate|up)_proj", None, {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}),
+        (
+            r"model\.layers\.1\.mlp\.(gate|up)_proj",
+            None,
+            {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"},
+        ),
         (["layers.0.*_proj"], ["*mlp*"], {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}),
     ],
     ids=["names", "regex", "wildcard_exclude"],
