@@ -77,6 +77,10 @@ class MoRAConfig:
         tensor_parallel_sharding: ``"auto"`` shards the matrix like the base layer where the type allows it and
             replicates it otherwise; ``"replicate"`` always replicates; ``"shard"`` raises where it cannot shard
             (Megatron layers only). Spec: §4.
+        tensor_parallel_grad_sync: when a replicated matrix's gradient is SUM-reduced over the tensor-parallel
+            group: ``"backward"`` in every backward pass (works with any loop: DeepSpeed, Megatron DDP, plain
+            torch; once per micro-batch under gradient accumulation) or ``"step"`` once per optimizer step, by
+            :func:`mora_dist.parallel.finalize_model_grads` (Megatron loops). Spec: §4.
 
     Spec: §2, §2.3.
     """
@@ -90,6 +94,7 @@ class MoRAConfig:
     mora_dtype: str = "float32"
     modules_to_save: list[str] | None = None
     tensor_parallel_sharding: str = "auto"
+    tensor_parallel_grad_sync: str = "backward"
     # Kept so adapter_config.json reads like PEFT's; MoRA has no scaling (spec §2), so it is never used.
     lora_alpha: float | None = field(default=None, repr=False)
 
@@ -123,6 +128,12 @@ class MoRAConfig:
                     raise MoRAConfigError(f"{name}={value!r} is not a valid regex: {exc}") from exc
             elif isinstance(value, (list, tuple, set)):
                 setattr(self, name, list(value))
+        if self.tensor_parallel_grad_sync not in ("backward", "step"):
+            raise MoRAConfigError(
+                f"tensor_parallel_grad_sync={self.tensor_parallel_grad_sync!r}: use 'backward' (all-reduce a "
+                "replicated M's gradient in every backward) or 'step' (once per optimizer step, in "
+                "mora_dist.parallel.finalize_model_grads)"
+            )
         if self.tensor_parallel_sharding not in ("auto", "replicate", "shard"):
             raise MoRAConfigError(
                 f"tensor_parallel_sharding={self.tensor_parallel_sharding!r}: use 'auto', 'replicate' or 'shard'"

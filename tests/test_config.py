@@ -25,6 +25,7 @@ def test_type_names_and_numbers(value, number):
         ({"target_modules": None}, r"target_modules=None.*all-linear"),
         ({"target_modules": "q_proj("}, r"target_modules='q_proj\(' is not a valid regex"),
         ({"tensor_parallel_sharding": "split"}, r"tensor_parallel_sharding='split'"),
+        ({"tensor_parallel_grad_sync": "never"}, r"tensor_parallel_grad_sync='never'.*'backward'.*'step'"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(kwargs, message):

@@ -60,10 +60,11 @@ def _gpt(tp: int):
     )
 
 
-def _adapted(tp: int, mora_type: int):
+def _adapted(tp: int, mora_type: int, grad_sync: str = "backward"):
     from mora_dist import MoRAConfig, apply_mora
 
-    return apply_mora(_gpt(tp), MoRAConfig(r_hat=8, mora_type=mora_type, target_modules=TARGETS))
+    config = MoRAConfig(r_hat=8, mora_type=mora_type, target_modules=TARGETS, tensor_parallel_grad_sync=grad_sync)
+    return apply_mora(_gpt(tp), config)
 
 
 def _batch():
@@ -97,12 +98,14 @@ def _train(model) -> list[float]:
     return losses
 
 
-def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2) -> list[float]:
+def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2, finalize=None) -> list[float]:
     """Megatron's own loop pieces: DDP gradient buffers (``main_grad``), accumulation under ``no_sync``,
-    ``finalize_model_grads``; AdamW steps on ``main_grad`` as megatron's FP32 optimizer does."""
+    ``finalize_model_grads`` (or ``finalize``); AdamW steps on ``main_grad`` as megatron's FP32 optimizer does."""
     import contextlib
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    finalize = finalize or finalize_model_grads
 
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     params = [p for p in ddp.parameters() if p.requires_grad]
@@ -119,7 +122,7 @@ def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2) -> list[f
                 loss = ddp(ids[half], pos[half], mask, labels=labels[half]).mean() / micro_batches
                 loss.backward()
             total += loss.item()
-        finalize_model_grads([ddp])
+        finalize([ddp])
         for p in params:
             p.grad = p.main_grad
         opt.step()
@@ -154,7 +157,13 @@ def _gpt_worker(tp: int, root: str) -> dict:
     init_megatron(tp)
     out = {"shard_error": _shard_error() if tp == 2 else None}
     if tp != 4:
+        from megatron.core.distributed import finalize_model_grads as megatron_finalize
+
+        from mora_dist.parallel import finalize_model_grads
+
         out["ddp_losses"] = _train_megatron_ddp(_adapted(tp, 6))
+        out["ddp_losses_step"] = _train_megatron_ddp(_adapted(tp, 6, "step"), finalize=finalize_model_grads)
+        out["ddp_losses_step_megatron_only"] = _train_megatron_ddp(_adapted(tp, 6, "step"), finalize=megatron_finalize)
     for t in TYPES:
         if tp == 4:  # resharding only: load what TP = 2 saved
             model = load_mora(_gpt(tp), f"{root}/adapter_t{t}")
@@ -287,3 +296,16 @@ def test_megatron_ddp_gradient_accumulation_at_tp2_matches_tp1(runs):
     assert ref[-1] < ref[0]
     for rank in runs[2]:
         _close(rank["ddp_losses"], ref, 1e-5, "ddp losses")
+
+
+def test_once_per_step_grad_sync_at_tp2_matches_tp1(runs):
+    """``tensor_parallel_grad_sync="step"``: no all-reduce in backward; the replicated matrices' accumulated
+    ``main_grad`` is summed over TP once per optimizer step by ``mora_dist.parallel.finalize_model_grads``.
+    TP = 2 losses equal TP = 1; with Megatron's plain ``finalize_model_grads`` (the sum left out) they do not,
+    so the test catches a step-mode matrix that is never reduced."""
+    ref = runs[1][0]["ddp_losses"]
+    torch.testing.assert_close(torch.tensor(runs[1][0]["ddp_losses_step"]), torch.tensor(ref), rtol=0, atol=1e-6)
+    for rank in runs[2]:
+        _close(rank["ddp_losses_step"], ref, 1e-5, "step-sync ddp losses")
+        unreduced = torch.tensor(rank["ddp_losses_step_megatron_only"])
+        assert (unreduced - torch.tensor(ref)).abs().max() > 1e-4

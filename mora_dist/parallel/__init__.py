@@ -11,8 +11,10 @@ __all__ = [
     "MoRARowParallelLinear",
     "ShardPlan",
     "enable_cpu_megatron",
+    "finalize_model_grads",
     "plan_shard",
     "suggest_r_hat",
+    "sum_replicated_grads",
 ]
 
 _LAZY = {
@@ -22,6 +24,8 @@ _LAZY = {
     "plan_shard": "layouts",
     "suggest_r_hat": "layouts",
     "enable_cpu_megatron": "cpu_shim",
+    "finalize_model_grads": "mappings",
+    "sum_replicated_grads": "mappings",
 }
 
 

@@ -91,6 +91,7 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         dropout: float = 0.0,
         mora_dtype: torch.dtype | str = torch.float32,
         sharding: str = "auto",
+        grad_sync: str = "backward",
         fuse_with_base_comm: bool = True,
     ) -> None:
         super().__init__()
@@ -114,6 +115,10 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
             self.mora_M, sharded, self.plan.m_dim if sharded else -1, self.plan.m_stride
         )
         self.mora_M.allreduce = True  # reduced over data parallel like any dense parameter
+        self.grad_sync = grad_sync
+        if not sharded and grad_sync == "step":
+            # summed over TP once per optimizer step by mora_dist.parallel.finalize_model_grads
+            self.mora_M.mora_tp_sum_group = self.tp_group
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_state_dict_post_hook(_flatten_base_keys)
         self.register_load_state_dict_pre_hook(_nest_base_keys)
@@ -162,7 +167,7 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
 
     def _matrix(self) -> torch.Tensor:
         """``M`` as the forward uses it: a replicated ``M`` gets its gradient SUM-reduced over TP."""
-        if self.plan.m_dim is None:
+        if self.plan.m_dim is None and self.grad_sync == "backward":
             return reduce_replicated_grad(self.mora_M, self.tp_group)
         return self.mora_M
 
@@ -398,5 +403,6 @@ def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat
         dropout=config.dropout,
         mora_dtype=config.torch_dtype,
         sharding=config.tensor_parallel_sharding,
+        grad_sync=config.tensor_parallel_grad_sync,
         fuse_with_base_comm=fuse,
     )

@@ -7,6 +7,9 @@
   Megatron DDP ``main_grad`` hook or DeepSpeed ZeRO hook reads it. One ``r_hat x r_hat`` all-reduce per forward
   of the layer: under gradient accumulation that is one per micro-batch (the per-micro-batch sums add up to the
   same total).
+- :func:`sum_replicated_grads` / :func:`finalize_model_grads` (``tensor_parallel_grad_sync="step"``): the same
+  sum once per optimizer step, on the accumulated ``main_grad`` (or ``grad``), one coalesced all-reduce per
+  group; ``finalize_model_grads`` is Megatron's with that sum appended, for ``config.finalize_model_grads_func``.
 - :func:`gather_matrix_shards`: the global ``M`` from per-rank row or column shards (checkpoints, no autograd).
 
 Spec: §4.
@@ -41,6 +44,43 @@ def reduce_replicated_grad(matrix: torch.Tensor, group: dist.ProcessGroup | None
     if group is None or dist.get_world_size(group) == 1:
         return matrix
     return _ReduceReplicatedGrad.apply(matrix, group)
+
+
+@torch.no_grad()
+def sum_replicated_grads(modules: torch.nn.Module | list[torch.nn.Module]) -> int:
+    """SUM-reduce, over their tensor-parallel group, the accumulated gradients of the replicated matrices of
+    layers built with ``tensor_parallel_grad_sync="step"``. Call once per optimizer step, after the backward
+    passes of all micro-batches; returns the number of matrices reduced. Spec: §4.
+    """
+    by_group: dict[int, tuple[dist.ProcessGroup, list[torch.Tensor]]] = {}
+    for module in modules if isinstance(modules, list) else [modules]:
+        for param in module.parameters():
+            group = getattr(param, "mora_tp_sum_group", None)
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if group is None or grad is None:
+                continue
+            by_group.setdefault(id(group), (group, []))[1].append(grad)
+    count = 0
+    for group, grads in by_group.values():
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+        count += len(grads)
+    return count
+
+
+def finalize_model_grads(model: list[torch.nn.Module], *args, **kwargs):
+    """Megatron's ``finalize_model_grads`` (data-parallel and layernorm reductions), then
+    :func:`sum_replicated_grads`. Set it as ``config.finalize_model_grads_func`` or call it where a loop calls
+    Megatron's. Spec: §4.
+    """
+    from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
+
+    result = megatron_finalize_model_grads(model, *args, **kwargs)
+    sum_replicated_grads(model)
+    return result
 
 
 @torch.no_grad()
