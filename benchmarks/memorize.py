@@ -40,6 +40,9 @@ import evidence_common as ev  # noqa: E402
 HEX = "0123456789abcdef"
 
 
+# Output paths, redraw mode and machine settings do not change the figures, so they stay out of the JSON.
+_NOT_CONFIG = ("out", "plot", "plot_only", "threads", "device")
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=64)
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     base_state = pretrain_base(args, size, tok)
     seconds = {"pretrain": time.perf_counter() - t0}
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "threads", "device")},
+    result = {"config": {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
               "variants": {}}
     result["config"]["model"] = ev.size_dict(size)
     for label, method, alpha in variants(args):

@@ -36,6 +36,9 @@ import evidence_common as ev  # noqa: E402
 METHOD_ORDER = ["full", "lora", "mora", "relora", "remora"]
 
 
+# Output paths, redraw mode and machine settings do not change the figures, so they stay out of the JSON.
+_NOT_CONFIG = ("out", "plot", "plot_only", "threads", "device")
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHOD_ORDER))
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok = ev.CharTokenizer()
     train_ids, held_ids = ev.split_corpus(tok.encode(ev.load_corpus()))
     windows = held_out_windows(held_ids, args.eval_windows, args.seq)
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "threads", "device")},
+    result = {"config": {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
               "methods": {}}
     result["config"]["model"] = ev.size_dict(size)
     result["config"]["tokens_per_method"] = args.steps * args.batch * args.seq
