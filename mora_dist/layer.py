@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mora_dist.config import resolve_dtype, resolve_mora_type
+from mora_dist.merge import FoldNorms, fold_delta
 from mora_dist.operators import MoRAOperator, check_r_hat, compute_r_hat
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,13 @@ class MoRALayerMixin:
         return self.operator.delta_weight(self.mora_M)
 
     @torch.no_grad()
-    def merge(self, reinit: bool = True) -> None:
-        """``W += dW`` in fp32 then cast back; zero ``M`` if ``reinit``. Local only: no communication."""
-        weight = self._base_weight_shard()
-        delta = self.delta_weight().to(weight.device)
-        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+    def merge(self, reinit: bool = True) -> FoldNorms:
+        """``W += dW`` through :func:`mora_dist.merge.fold_delta`; zero ``M`` if ``reinit``. Local only: no
+        communication. Returns the fold's squared norms."""
+        norms = fold_delta(self._base_weight_shard(), self.delta_weight())
         if reinit:
             self.mora_M.zero_()
+        return norms
 
     def get_global_M(self) -> torch.Tensor:
         """The global ``(r_hat, r_hat)`` matrix (tensor-parallel layers gather their shards)."""

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from mora_dist.merge import FoldNorms, fold_delta
 from mora_dist.targeting import plan_modules_to_save, plan_targets
 
 
@@ -53,12 +54,12 @@ class LoRALinear(nn.Module):
         return y + (self.scaling * h).to(y.dtype)
 
     @torch.no_grad()
-    def merge(self, reinit: bool = True) -> None:
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+    def merge(self, reinit: bool = True) -> FoldNorms:
+        """``W += (alpha/r) B A`` through :func:`mora_dist.merge.fold_delta`; new ``A``, ``B = 0`` if ``reinit``."""
+        norms = fold_delta(self.base_layer.weight, self.delta_weight())
         if reinit:
             self.reset_lora_parameters()
+        return norms
 
 
 def lora_rank_for_budget(in_features: int, out_features: int, r_hat: int) -> int:

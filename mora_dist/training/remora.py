@@ -300,10 +300,8 @@ class ReMoRACallback(RestartCallback):
         weight = layer._base_weight_shard()
         with zero_state.gathered([weight, layer.mora_M], modifier_rank=0):
             # dW from the module's copy of M, the one the forward used, so the merged model computes the same
-            # function; the arithmetic is the layer's own merge (fp32, then cast to the base weight's dtype).
-            delta = layer.delta_weight().to(weight.device)
-            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-            return float(delta.double().pow(2).sum())
+            # function; M itself is zeroed in every copy by zero_state afterwards.
+            return layer.merge(reinit=False).delta_sq
 
     def _reinit_values(self, layer: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
         M = layer.mora_M
@@ -366,9 +364,7 @@ class ReLoRACallback(RestartCallback):
     def _merge_layer(self, layer: LoRALinear) -> float:
         weight = layer.base_layer.weight
         with zero_state.gathered([weight, layer.lora_A, layer.lora_B], modifier_rank=0):
-            delta = layer.delta_weight().to(weight.device)
-            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-            return float(delta.double().pow(2).sum())
+            return layer.merge(reinit=False).delta_sq
 
     def _reinit_values(self, layer: LoRALinear, generator: torch.Generator) -> dict[str, torch.Tensor]:
         A, B = layer.lora_A, layer.lora_B
