@@ -53,3 +53,31 @@ def restore(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(restore(v) for v in obj)
     return obj
+
+
+def tiny_gpt(tp: int = 1, *, bf16: bool = False, num_layers: int = 2, vocab_size: int = 96, seq: int = 16):
+    """A tiny megatron-core GPTModel (GQA, SwiGLU, RoPE, local spec) built on CPU; bf16 params if ``bf16``
+    (wrap it in ``Float16Module`` as megatron's training does). Call after :func:`init_megatron`."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mora_dist.parallel.cpu_shim import cpu_model_parallel_kwargs
+
+    config = TransformerConfig(
+        num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        tensor_model_parallel_size=tp, gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, **cpu_model_parallel_kwargs(),
+    )
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab_size,
+                    max_sequence_length=seq, position_embedding_type="rope")
+
+
+def gpt_batch(step: int, batch: int, seq: int, vocab_size: int = 96):
+    """Token ids, position ids, causal mask (True = masked) and labels of one seeded batch ``[batch, seq]``."""
+    ids = torch.randint(0, vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(step))
+    position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+    return ids[:, :-1], position_ids, mask, ids[:, 1:]

@@ -1,10 +1,18 @@
-"""Run megatron-core on CPU (tests, CPU demos): a CPU RNG tracker and a device lookup, only when CUDA is absent.
+"""Run megatron-core on CPU (tests, CPU demos): a CPU RNG tracker, a device lookup and CPU-capable optimizers,
+only when CUDA is absent.
 
-megatron-core assumes CUDA in three places that matter for small CPU runs: the tensor-parallel RNG tracker
+megatron-core assumes CUDA in places that matter for small CPU runs: the tensor-parallel RNG tracker
 (``get_cuda_rng_tracker().fork()`` around dropout and initialisation saves and restores CUDA RNG states),
-``torch.cuda.current_device()`` (e.g. the rotary embedding moves its table there) and ``torch.cuda.synchronize()``
-(``dist_checkpointing`` saves). Nothing is patched on import; :func:`enable_cpu_megatron` patches them, and only
-when ``torch.cuda.is_available()`` is false, so it is a no-op on a GPU machine. Build models with
+``torch.cuda.current_device()`` (e.g. the rotary embedding moves its table there), ``torch.cuda.synchronize()``
+(``dist_checkpointing`` saves) and its optimizers: ``MixedPrecisionOptimizer``/``FP32Optimizer`` allocate
+their loss-scale and overflow flags with ``device='cuda'``, ``Float16OptimizerWithFloat16Params`` and
+``DistributedOptimizer`` sort parameters by ``param.type()`` against ``'torch.cuda.*Tensor'`` names (and refuse
+anything else), and the grad-norm/clip helpers of ``optimizer/clip_grads.py`` allocate on ``'cuda'``. Those
+constructors and helpers run under :class:`_CudaAsCpu`, a ``TorchFunctionMode`` scoped to the call, which
+allocates on the CPU and names CPU tensors as their CUDA types; the optimizer step itself (``torch.optim.AdamW``,
+megatron's fallback without Apex/Transformer Engine) runs unpatched. Nothing is patched on import;
+:func:`enable_cpu_megatron` patches, and only when ``torch.cuda.is_available()`` is false, so it is a no-op on
+a GPU machine. Build models with
 :func:`cpu_model_parallel_kwargs` (``use_cpu_initialization=True``, ``gradient_accumulation_fusion=False``)
 and pass an explicit attention mask (megatron's default causal mask is built on ``"cuda"``).
 
@@ -14,11 +22,13 @@ Spec: §4.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +81,60 @@ def _make_cpu_tracker_class() -> type:
     return CpuRNGStatesTracker
 
 
+class _CudaAsCpu(TorchFunctionMode):
+    """Inside megatron-core's optimizer code on CPU: ``device='cuda'`` allocates on the CPU, ``t.cuda()`` is ``t``
+    and ``t.type()`` names a CPU tensor by its CUDA type (``'torch.cuda.BFloat16Tensor'``), which is what
+    megatron's dtype dispatch compares against."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        return func(*args, **kwargs)
+
+
+def _on_cpu(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _CudaAsCpu():
+            return fn(*args, **kwargs)
+
+    wrapper.__mora_cpu_shim__ = True
+    return wrapper
+
+
+def _patch_megatron_optimizers() -> None:
+    """Run the CUDA-assuming constructors and grad-norm helpers of megatron-core's optimizers under
+    :class:`_CudaAsCpu`. The helpers are patched where ``optimizer.py`` imported them (its callers use that name)."""
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for owner, name in (
+        (moptimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        (moptimizer.FP32Optimizer, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (moptimizer, "get_grad_norm_fp32"),
+        (moptimizer, "clip_grad_by_total_norm_fp32"),
+        (moptimizer, "count_zeros_fp32"),
+    ):
+        fn = getattr(owner, name)
+        if not getattr(fn, "__mora_cpu_shim__", False):
+            setattr(owner, name, _on_cpu(fn))
+
+
 def enable_cpu_megatron() -> bool:
     """Let megatron-core run on CPU; returns whether anything was patched (False when CUDA is available).
 
-    Installs a CPU RNG tracker as megatron's tracker and makes ``torch.cuda.current_device()`` answer ``"cpu"``.
-    Idempotent. Call it once per process, before building the model.
+    Installs a CPU RNG tracker as megatron's tracker, makes ``torch.cuda.current_device()`` answer ``"cpu"`` and
+    lets megatron-core's optimizers (``get_megatron_optimizer``: ``FP32Optimizer``,
+    ``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``ChainedOptimizer``) run on CPU tensors over
+    gloo. Idempotent. Call it once per process, before building the model.
     """
     global _ENABLED
     if torch.cuda.is_available():
@@ -90,6 +149,7 @@ def enable_cpu_megatron() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     # dist_checkpointing's writer synchronises the device before copying tensors; on CPU there is nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
+    _patch_megatron_optimizers()
     _ENABLED = True
     logger.info("megatron-core CPU mode: CPU RNG tracker and device lookup installed")
     return True
