@@ -308,6 +308,9 @@ class MoRAOperator:
         saved for backward); falls back to the index path when the maps are scattered. With ``inplace`` the
         result is written into ``y`` (which must be a fresh output nobody else reads, e.g. the base layer's).
         """
+        # An in-place autograd function on a view (F.linear returns one for 3-D inputs) gets its gradients
+        # mis-routed by autograd's CopySlices, which assumes the written tensor is the function's first input.
+        inplace = inplace and not y._is_view()
         out = self.forward_fused(x, M, y=y, inplace=inplace)
         if out is None:
             z = self.apply_matrix(self.compress(x.to(M.dtype)), M)

@@ -104,3 +104,21 @@ def test_dropout_applies_to_input_in_training_only():
 def test_wrapping_a_non_linear_is_a_type_error():
     with pytest.raises(TypeError, match="Conv1d"):
         MoRALinear(nn.Conv1d(4, 4, 1))
+
+
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_unfused_path_on_a_view_output_gives_the_dense_gradients(mora_type):
+    """The unfused path (dropout in training) on an ``(s, b, k)`` input: ``nn.Linear`` returns a view there, and
+    adding into it in place sent the adapter's gradients to the wrong inputs (a shape error in backward). With
+    p = 0 dropout, input and ``M`` gradients equal the dense float64 ones."""
+    layer = _layer(24, 40, 4, mora_type)
+    layer.mora_dropout = nn.Dropout(0.0)  # not fusable in training, yet the identity
+    x = torch.randn(8, 2, 24, dtype=torch.float64, requires_grad=True)
+    layer.train()
+    layer(x).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    M = layer.mora_M.detach().clone().requires_grad_(True)
+    W = layer.base_layer.weight + dense_delta(M, 24, 40, mora_type)
+    (x_ref @ W.T + layer.base_layer.bias).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.mora_M.grad, M.grad)
