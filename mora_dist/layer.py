@@ -74,6 +74,10 @@ class MoRALayerMixin:
             return
         self.operator = self._make_operator(new_type)
 
+    def release_base(self) -> nn.Module:
+        """The base layer as it was before wrapping (for :func:`mora_dist.unload`)."""
+        return self.base_layer
+
     def _make_operator(self, mora_type: int) -> MoRAOperator:
         raise NotImplementedError
 

@@ -1,7 +1,8 @@
 """Inject MoRA into a model: plan, validate the whole plan, then wrap. Also ``unload`` and a trainable summary.
 
 Dispatchers are tried in order; the first that accepts a module wraps it (``nn.Linear`` here, megatron-core
-column/row-parallel layers in :mod:`mora_dist.parallel.layers`, imported only when such a layer is present).
+column/row-parallel layers in :mod:`mora_dist.parallel.layers`, Transformer Engine layers in
+:mod:`mora_dist.parallel.te_layers`; both imported only when such a layer is present).
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ def _is_megatron_linear(module: nn.Module) -> bool:
     )
 
 
+def _is_te_linear(module: nn.Module) -> bool:
+    """Transformer Engine's public interface (``te.pytorch.Linear``, ``LayerNormLinear``, ``GroupedLinear`` and
+    megatron's wrappers of them): per-partition ``in_features``/``out_features``, ``parallel_mode``, ``tp_size``."""
+    return not isinstance(module, nn.Linear) and all(
+        hasattr(module, a) for a in ("in_features", "out_features", "parallel_mode", "tp_size")
+    )
+
+
 def _is_candidate(module: nn.Module) -> bool:
     if isinstance(module, MoRALayerMixin):
         return False
-    return isinstance(module, nn.Linear) or _is_megatron_linear(module)
+    return isinstance(module, nn.Linear) or _is_megatron_linear(module) or _is_te_linear(module)
 
 
 def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: str) -> int:
@@ -58,10 +67,12 @@ def _wrap(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> nn.Mo
     return wrap_megatron_linear(module, name, config, r_hat)
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
+def _features(module: nn.Module, name: str) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    return module.input_size, module.output_size
+    from mora_dist.parallel.layers import megatron_features
+
+    return megatron_features(module, name)
 
 
 def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
@@ -79,7 +90,7 @@ def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
     targets = plan_targets(model, config.target_modules, config.exclude_modules, _is_candidate)
     to_save = plan_modules_to_save(model, config.modules_to_save)
     modules = dict(model.named_modules())
-    plan = [(name, layer_r_hat(*_features(modules[name]), config, name)) for name in targets]
+    plan = [(name, layer_r_hat(*_features(modules[name], name), config, name)) for name in targets]
     for name, r_hat in plan:
         if not isinstance(modules[name], nn.Linear):
             from mora_dist.parallel.layers import check_megatron_linear
@@ -143,7 +154,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge(reinit=True)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        setattr(parent, child, layer.release_base())
     if hasattr(model, "mora_config"):
         del model.mora_config
     return model

@@ -1,5 +1,5 @@
-"""MoRA around megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear`` (and Transformer Engine's
-``TEColumnParallelLinear`` / ``TERowParallelLinear``): same function at every TP size, Megatron's collectives only.
+"""MoRA around megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear``: same function at every TP size,
+Megatron's collectives only. Transformer Engine layers reuse these classes from :mod:`mora_dist.parallel.te_layers`.
 
 Each wrapper is thin: it reads its shard's global ids and the shard plan of ``M`` from
 :mod:`mora_dist.parallel.layouts`, builds a :class:`~mora_dist.operators.MoRAOperator` on global ids, and
@@ -13,7 +13,8 @@ re-runs the base layer's forward with the adapter added where it costs no commun
 
 Transformer Engine layers do their collectives inside one call, so for them the adapter runs beside the base
 layer and moves ``r_hat``-wide tensors instead (compress, then all-gather ``u`` along the sequence; all-reduce
-``z`` on row-parallel layers). The same path serves megatron-core layers when ``fuse_with_base_comm=False``.
+``z`` on row-parallel layers): ``_forward_beside``. The same path serves megatron-core layers when
+``fuse_with_base_comm=False``.
 
 Spec: §4.
 """
@@ -80,6 +81,7 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
     """Shared part of the column- and row-parallel wrappers."""
 
     parallel_kind = ""
+    fuse_with_base_comm = True  # the default of the class, read by the dispatcher before construction
 
     def __init__(
         self,
@@ -99,9 +101,8 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.name = name
-        self.in_features, self.out_features = base_layer.input_size, base_layer.output_size
-        self.tp_group = _tp_group(base_layer)
-        self.tp_size, self.tp_rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        self.in_features, self.out_features = self.global_features(base_layer)
+        self.tp_group, self.tp_size, self.tp_rank = self.tp_layout(base_layer)
         self.sharding = sharding
         self.stride = _partition_stride(self.parallel_kind, base_layer, name)
         self.fuse_with_base_comm = fuse_with_base_comm
@@ -116,13 +117,25 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         )
         self.mora_M.allreduce = True  # reduced over data parallel like any dense parameter
         self.grad_sync = grad_sync
-        if not sharded and grad_sync == "step":
+        if not sharded and grad_sync == "step" and self.tp_size > 1:
             # summed over TP once per optimizer step by mora_dist.parallel.finalize_model_grads
             self.mora_M.mora_tp_sum_group = self.tp_group
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_state_dict_post_hook(_flatten_base_keys)
         self.register_load_state_dict_pre_hook(_nest_base_keys)
         logger.debug("%s: r_hat=%d, M %s (%s)", name, r_hat, tuple(self.mora_M.shape), self.plan.reason or "sharded")
+
+    # ---- what the base layer says about itself (Transformer Engine layers answer differently) ----
+    @staticmethod
+    def global_features(base_layer: nn.Module) -> tuple[int, int]:
+        """``(k, d)`` of the TP = 1 weight."""
+        return base_layer.input_size, base_layer.output_size
+
+    @staticmethod
+    def tp_layout(base_layer: nn.Module) -> tuple[dist.ProcessGroup | None, int, int]:
+        """``(group, size, rank)`` over which the base weight is split."""
+        group = _tp_group(base_layer)
+        return group, dist.get_world_size(group), dist.get_rank(group)
 
     # ---- plan and operator ----
     def _plan(self, mora_type: int, r_hat: int) -> ShardPlan:
@@ -167,7 +180,7 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
 
     def _matrix(self) -> torch.Tensor:
         """``M`` as the forward uses it: a replicated ``M`` gets its gradient SUM-reduced over TP."""
-        if self.plan.m_dim is None and self.grad_sync == "backward":
+        if self.plan.m_dim is None and self.grad_sync == "backward" and self.tp_size > 1:
             return reduce_replicated_grad(self.mora_M, self.tp_group)
         return self.mora_M
 
@@ -337,12 +350,12 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
         return self.operator.decompress_add(output, z.to(output.dtype))
 
 
-_TE_FUSED_NORM = ("TELayerNormColumnParallelLinear",)
-
-
 def _check_base(base_layer: nn.Module, name: str, fuse_with_base_comm: bool) -> None:
-    if getattr(base_layer, "is_expert", False):
-        raise MoRAConfigError(f"{name}: MoE expert layers are not supported by MoRA; add it to exclude_modules")
+    if getattr(base_layer, "is_expert", False) or ".local_experts." in f".{name}.":
+        raise MoRAConfigError(
+            f"{name}: MoRA does not adapt MoE expert layers (SequentialMLP local_experts) yet; leave them out "
+            "with exclude_modules=['*local_experts*'] (the dense and attention layers are still adapted)"
+        )
     if getattr(base_layer, "weight", None) is None:
         raise MoRAConfigError(
             f"{name}: the layer has no weight of its own (skip_weight_param_allocation, e.g. a tied output "
@@ -352,40 +365,38 @@ def _check_base(base_layer: nn.Module, name: str, fuse_with_base_comm: bool) -> 
         raise MoRAConfigError(f"{name}: a layer that gathers its output needs fuse_with_base_comm=True")
 
 
-def _kind(module: nn.Module) -> tuple[type[_MegatronMoRALinear], bool]:
-    """(wrapper class, fuse_with_base_comm) for a megatron-core or Transformer Engine linear layer."""
+def _kind(module: nn.Module, name: str) -> type[_MegatronMoRALinear]:
+    """The wrapper class of a megatron-core or Transformer Engine linear layer."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     if isinstance(module, ColumnParallelLinear):
-        return MoRAColumnParallelLinear, True
+        return MoRAColumnParallelLinear
     if isinstance(module, RowParallelLinear):
-        return MoRARowParallelLinear, True
-    cls = type(module).__name__
-    if cls in _TE_FUSED_NORM:
-        raise MoRAConfigError(
-            f"{cls} fuses the layer norm into the linear layer, so MoRA cannot see its input; build the model "
-            "with a spec that keeps the norm separate (e.g. get_gpt_layer_local_spec) to adapt this layer"
-        )
-    mode = getattr(module, "parallel_mode", None)
-    if mode in ("column", "row"):
-        return (MoRAColumnParallelLinear if mode == "column" else MoRARowParallelLinear), False
-    raise MoRAConfigError(f"{cls} is not a megatron-core column/row-parallel linear layer MoRA can wrap")
+        return MoRARowParallelLinear
+    from mora_dist.parallel.te_layers import te_wrapper_class
+
+    return te_wrapper_class(module, name)
+
+
+def megatron_features(module: nn.Module, name: str) -> tuple[int, int]:
+    """``(k, d)`` of the TP = 1 weight of a megatron-core or Transformer Engine linear layer."""
+    return _kind(module, name).global_features(module)
 
 
 def check_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> None:
     """Raise now, before :func:`mora_dist.apply_mora` changes anything, if this layer cannot be wrapped as
     configured (unsupported layer, or ``M`` that cannot be sharded under ``tensor_parallel_sharding='shard'``)."""
-    cls, fuse = _kind(module)
-    _check_base(module, name, fuse)
-    group = _tp_group(module)
+    cls = _kind(module, name)
+    _check_base(module, name, cls.fuse_with_base_comm)
+    (k, d), (_, tp_size, tp_rank) = cls.global_features(module), cls.tp_layout(module)
     plan_shard(
         cls.parallel_kind,
-        module.input_size,
-        module.output_size,
+        k,
+        d,
         r_hat,
         config.mora_type,
-        tp_size=dist.get_world_size(group),
-        tp_rank=dist.get_rank(group),
+        tp_size=tp_size,
+        tp_rank=tp_rank,
         stride=_partition_stride(cls.parallel_kind, module, name),
         sharding=config.tensor_parallel_sharding,
         where=name,
@@ -394,7 +405,7 @@ def check_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_ha
 
 def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> _MegatronMoRALinear:
     """Wrap one megatron-core (or Transformer Engine) linear layer for :func:`mora_dist.apply_mora`. Spec: §4."""
-    cls, fuse = _kind(module)
+    cls = _kind(module, name)
     return cls(
         module,
         r_hat,
@@ -404,5 +415,5 @@ def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat
         mora_dtype=config.torch_dtype,
         sharding=config.tensor_parallel_sharding,
         grad_sync=config.tensor_parallel_grad_sync,
-        fuse_with_base_comm=fuse,
+        fuse_with_base_comm=cls.fuse_with_base_comm,
     )
