@@ -4,7 +4,9 @@ Commands::
 
     deepspeed launch/pretrain.py --config configs/remora_tiny.json                 # 2-core CPU, ~2 minutes
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/remora_tiny.json
-    deepspeed --hostfile hosts launch/pretrain.py --config configs/remora_250m.json --set data.sources.0.path=/c4
+    deepspeed launch/pretrain.py --config configs/remora_250m.json   # C4 + T5 tokenizer streamed from the hub
+    deepspeed --hostfile hosts launch/pretrain.py --config configs/remora_250m.json --set data.sources.0.path=/c4 \
+        --set data.tokenizer=/models/t5-base                                   # local copies instead
     torchrun --nproc_per_node 2 launch/pretrain.py --config configs/remora_250m_megatron_tp2.json
     deepspeed launch/pretrain.py --config configs/remora_tiny.json --resume        # continue after a kill
 
@@ -54,6 +56,9 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
     cfg = load_run_config(args.config, args.set)
     world = args.world_size if args.check and args.world_size else int(os.environ.get("WORLD_SIZE", "1"))
     accum = check_world(cfg, world)
+    from mora_dist.data.hub import check_hub
+
+    check_hub(cfg)  # hf:// sources / tokenizer: fail here, not on every rank, when the hub is out of reach
     ckpt_dir = Path(cfg.training.output_dir) / "checkpoints"
     if not args.resume and list_checkpoints(ckpt_dir):
         raise RunConfigError(f"training.output_dir={cfg.training.output_dir!r} already holds checkpoints: pass "
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg, rank)
     import datasets
 
-    datasets.disable_progress_bars()
+    if rank != 0:
+        datasets.disable_progress_bars()  # rank 0 shows tokenisation progress
     backend = loop.make_backend(cfg)
     tokenizer = build.build_tokenizer(cfg)
     vocab_size = cfg.model.vocab_size or len(tokenizer)

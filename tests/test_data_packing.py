@@ -1,6 +1,7 @@
 """Packing: documents joined with EOS, full blocks only, nothing lost or reordered inside a map batch."""
 
 import datasets
+import torch
 
 from mora_dist.data import load_tokenizer, pack_token_lists, tokenize_and_pack
 
@@ -38,3 +39,33 @@ def test_tokenised_corpus_is_cached_across_loads(tmp_path):
     first = tokenize_and_pack(load_text_source(path="data/shakespeare/poems.txt.gz", cache_dir=str(tmp_path)), tok, 64)
     again = tokenize_and_pack(load_text_source(path="data/shakespeare/poems.txt.gz", cache_dir=str(tmp_path)), tok, 64)
     assert first.cache_files and first.cache_files == again.cache_files
+
+
+def test_sources_are_tokenised_once_in_parallel_and_reloaded_from_the_cache(tmp_path, caplog):
+    """Catches a second run tokenising again (a cache key that changes between runs, e.g. after the tokenizer
+    was used): the second ``build_data`` over the same corpus writes no cache file and rewrites none, and each
+    source's token count is logged."""
+    import logging
+
+    from mora_dist.run.build import build_data
+    from mora_dist.run.config import load_run_config
+
+    cache = tmp_path / "cache"
+    cfg = load_run_config("configs/remora_tiny.json", [f"data.cache_dir={cache}", "data.num_proc=2",
+                                                       f"training.output_dir={tmp_path / 'run'}"])
+    tok = load_tokenizer(TOKENIZER)
+
+    def packed_files():
+        return {p: p.stat().st_mtime_ns for p in cache.rglob("cache-*.arrow")}
+
+    with caplog.at_level(logging.INFO, logger="mora_dist.run.build"):
+        first = build_data(cfg, tok, dp_rank=0, dp_size=1, start_sample=0)
+    after_first = packed_files()
+    assert len(after_first) >= 4  # two sources x two worker shards
+    tok("warm the tokenizer up", padding=False)["input_ids"]
+    second = build_data(cfg, tok, dp_rank=0, dp_size=1, start_sample=0)
+    assert packed_files() == after_first
+    assert second.eval_sets == first.eval_sets and torch.equal(next(second.train)[0], next(first.train)[0])
+    counts = [r.getMessage() for r in caplog.records if "train blocks" in r.getMessage()]
+    assert len(counts) == 2 and all(f"({n} tokens)" in m for m, n in zip(counts, [
+        len(first.train.readers[i].ds) * 128 for i in range(2)]))

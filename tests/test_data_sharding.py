@@ -53,3 +53,72 @@ def test_eval_shard_splits_blocks_over_ranks():
     r1 = eval_shard(blocks, dp_rank=1, dp_size=2, micro_batch_size=3)
     seen = sorted(int(x) for b in r0 + r1 for x in b[:, 0])
     assert seen == list(range(7)) and [b.shape[0] for b in r0] == [3, 1]
+
+
+# --- streaming sources split over data-parallel ranks (issue 13, item 1) -------------------------------------------
+
+def _stream_cfg(tmp_path, **source):
+    from data_helpers import run_config, word_tokenizer, write_jsonl
+
+    from mora_dist.run.config import validate_run_config
+
+    write_jsonl(tmp_path / "stream.jsonl", range(400), 5)
+    tok = word_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    src = {"name": "s", "path": str(tmp_path / "stream.jsonl"), "eval_blocks": 4, **source}
+    return validate_run_config(run_config(tmp_path, [src], tok, streaming=True, shuffle_buffer=16))
+
+
+def _docs(cfg, *, dp_rank, dp_size, steps, start_step=0):
+    """Documents rank ``dp_rank`` of ``dp_size`` consumes in ``steps`` optimizer steps from ``start_step``."""
+    from data_helpers import doc_of
+
+    from mora_dist.data import load_tokenizer
+    from mora_dist.run.build import build_data
+
+    t = cfg.training
+    accum = t.global_batch_size // (t.micro_batch_size * dp_size)
+    data = build_data(cfg, load_tokenizer(cfg.data.tokenizer), dp_rank=dp_rank, dp_size=dp_size,
+                      start_sample=start_step * t.global_batch_size)
+    return [doc_of(row) for _ in range(steps * accum) for row in next(data.train)[0].tolist()], data
+
+
+def test_four_ranks_read_disjoint_parts_whose_union_is_the_stream_prefix_also_after_a_resume(tmp_path):
+    """Catches every rank reading the whole stream (duplicates), a rank skipping samples, and a resume that
+    restarts a rank's part or repeats samples: over 4 ranks, 3 steps then a fresh start at step 3 (all state
+    rebuilt from the global resume point, as after a kill) for 4 more, the samples consumed are exactly the
+    first 7 x 8 samples of the (shuffled) stream one rank would read, each once."""
+    cfg = _stream_cfg(tmp_path)
+    stream, data = _docs(cfg, dp_rank=0, dp_size=1, steps=7)
+    from data_helpers import doc_of
+
+    assert [doc_of(b) for b in data.eval_sets["s"]] == [0, 1, 2, 3]  # the stream's first blocks, held out
+    assert not set(stream) & {0, 1, 2, 3}  # and never trained on
+    assert sorted(stream[:8]) != stream[:8]  # the stream is shuffled
+    consumed = []
+    for rank in range(4):
+        before, _ = _docs(cfg, dp_rank=rank, dp_size=4, steps=3)
+        after, _ = _docs(cfg, dp_rank=rank, dp_size=4, steps=4, start_step=3)
+        consumed += before + after
+    assert len(consumed) == 7 * 8 and sorted(consumed) == sorted(stream)
+
+
+def test_a_source_with_enough_files_gives_each_rank_its_own_files_and_resumes_per_rank(tmp_path):
+    """File sharding (a hub-layout source with 4 train files, 4 ranks): a rank reads only its files, never
+    another rank's, and its samples after a resume are the ones an uninterrupted run reads next."""
+    from data_helpers import hub_layout, run_config, word_tokenizer
+
+    from mora_dist.run.config import validate_run_config
+
+    root = hub_layout(tmp_path / "c4", train_files=4, docs_per_file=50, val_docs=10, seq_len=5)
+    tok = word_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    src = {"name": "c4", "path": str(root), "hub_config": "en", "eval_split": "validation", "eval_blocks": 6}
+    cfg = validate_run_config(run_config(tmp_path, [src], tok, streaming=True, shuffle_buffer=8))
+    files = []
+    for rank in range(4):
+        full, data = _docs(cfg, dp_rank=rank, dp_size=4, steps=5)
+        resumed, _ = _docs(cfg, dp_rank=rank, dp_size=4, steps=3, start_step=2)
+        assert resumed == full[2 * 2:]
+        assert {d // 50 for d in full} == {files_of := full[0] // 50} and len(set(full)) == len(full)
+        files.append(files_of)
+        assert [d[0] - 2 for d in data.eval_sets["c4"]] == list(range(3000, 3006))  # validation split, in order
+    assert sorted(files) == [0, 1, 2, 3]

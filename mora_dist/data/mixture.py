@@ -2,8 +2,13 @@
 
 Sample ``i`` of the training stream comes from source ``s(i)``, drawn with the mixture weights from a generator
 seeded by ``(seed, i // BLOCK)``, and is the ``j``-th sample that source has given, ``j = #{i' < i: s(i') = s}``.
-A source yields its samples in a seeded per-epoch permutation (map-style) or in its (buffer-shuffled) streaming
-order, epoch after epoch. So the whole order is fixed by the config: resuming at sample ``i`` needs only ``i``.
+A map-style source yields its samples in a seeded per-epoch permutation, read by sample index ``j``: the order is
+fixed by the config and independent of the data-parallel size, so resuming at global sample ``i`` needs only ``i``.
+
+A streaming source is split over the data-parallel ranks (:class:`StreamReader`): rank ``r`` reads only its part
+of the (buffer-shuffled) stream, and ``j`` counts the samples *this rank* has taken from it. The resume point of
+each rank follows from ``i`` and the batch layout (:class:`~mora_dist.data.sharding.ShardedBatches`), so it is
+exact for the same data-parallel size.
 """
 
 from __future__ import annotations
@@ -57,7 +62,13 @@ class Mixture:
 
 
 class MapReader:
-    """Sample ``j`` of a map-style source: epoch ``j // n`` in a permutation seeded by ``(seed, epoch)``."""
+    """Sample ``j`` of a map-style source: epoch ``j // n`` in a permutation seeded by ``(seed, epoch)``.
+
+    ``ds`` is a ``datasets.Dataset`` with an ``input_ids`` column or anything indexed the same way
+    (``len``, ``ds[rows]["input_ids"]``), such as :class:`~mora_dist.data.indexed.IndexedBlocks`.
+    """
+
+    rank_local = False  # j is an index into the whole source, the same on every data-parallel rank
 
     def __init__(self, ds: datasets.Dataset, *, seed: int, shuffle: bool = True) -> None:
         if len(ds) == 0:
@@ -80,14 +91,43 @@ class MapReader:
 
 
 class StreamReader:
-    """Sample ``j`` of a streaming source, read forward (resuming fast-forwards through the stream); restarts
-    with the next epoch's shuffle when the stream ends. ``j`` must not decrease between calls."""
+    """Sample ``j`` of this data-parallel rank's part of a streaming source, read forward (resuming fast-forwards
+    through the rank's part); restarts with the next epoch's shuffle when the stream ends. ``j`` must not
+    decrease between calls.
 
-    def __init__(self, ds: datasets.IterableDataset, *, seed: int, shuffle: bool = True, buffer: int = 10_000):
-        self.ds = ds.shuffle(seed=seed, buffer_size=buffer) if shuffle else ds
+    With ``shard_files`` the split is ``datasets.distributed.split_dataset_by_node``: a source with a multiple of
+    ``dp_size`` files gives each rank its own files (rank ``r`` reads files ``r, r + dp, ...`` of the seeded
+    file order), otherwise every rank walks the shuffled stream and keeps samples ``r, r + dp, ...``. Without it
+    (a stream whose first blocks are held out for eval: ``datasets`` would split that skip over the files) every
+    rank walks the stream and keeps samples ``r, r + dp, ...``. Either way no sample goes to two ranks: the
+    shuffle uses the same seed on every rank and comes before the split.
+    """
+
+    rank_local = True  # j counts this rank's samples of the source (ShardedBatches keeps that count)
+
+    def __init__(self, ds: datasets.IterableDataset, *, seed: int, shuffle: bool = True, buffer: int = 10_000,
+                 dp_rank: int = 0, dp_size: int = 1, shard_files: bool = True):
+        from datasets.distributed import split_dataset_by_node
+
+        ds = ds.shuffle(seed=seed, buffer_size=buffer) if shuffle else ds
+        self.stride, self.offset = 1, 0
+        if dp_size > 1 and shard_files:
+            ds = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_size)
+        elif dp_size > 1:
+            self.stride, self.offset = dp_size, dp_rank
+        self.ds = ds
         self._epoch, self._cursor, self._it = 0, 0, None
 
     def _next(self) -> list[int]:
+        """This rank's next sample: skip the other ranks' ones in stride mode."""
+        for _ in range(self.offset):
+            self._next_row()
+        row = self._next_row()
+        for _ in range(self.stride - 1 - self.offset):
+            self._next_row()
+        return row
+
+    def _next_row(self) -> list[int]:
         while True:
             if self._it is None:
                 self.ds.set_epoch(self._epoch)
@@ -112,9 +152,25 @@ class StreamReader:
         return out
 
 
-def split_eval(ds: datasets.Dataset | datasets.IterableDataset, eval_blocks: int, source: str = "?"):
+def head_blocks(ds: datasets.Dataset | datasets.IterableDataset, n: int, source: str = "?") -> list[list[int]]:
+    """The first ``n`` packed blocks of ``ds`` (a held-out split), as lists.
+
+    Raises ``ValueError`` when it has fewer than ``n``.
+    """
+    if isinstance(ds, datasets.IterableDataset):
+        blocks = [row["input_ids"] for row in ds.take(n)]
+    else:
+        blocks = ds[list(range(min(n, len(ds))))]["input_ids"]
+    if len(blocks) < n:
+        raise ValueError(f"data source {source!r}: its eval split holds {len(blocks)} packed blocks, fewer than "
+                         f"eval_blocks={n}; set data.sources.<i>.eval_blocks to at most {len(blocks)}")
+    return blocks
+
+
+def split_eval(ds, eval_blocks: int, source: str = "?"):
     """``(train, eval_list)``: the first ``eval_blocks`` packed blocks are held out (materialised as lists).
 
+    ``ds`` is a ``datasets`` dataset (map-style or streaming) or a map-style stand-in with ``select``.
     Raises ``ValueError`` when a map-style source has no blocks left for training.
     """
     if isinstance(ds, datasets.IterableDataset):
@@ -124,4 +180,4 @@ def split_eval(ds: datasets.Dataset | datasets.IterableDataset, eval_blocks: int
             f"data source {source!r}: eval_blocks={eval_blocks} holds out all {len(ds)} packed blocks; "
             f"set data.sources.<i>.eval_blocks below {len(ds)} (e.g. {max(1, len(ds) // 20)})"
         )
-    return ds.select(range(eval_blocks, len(ds))), ds.select(range(eval_blocks))["input_ids"]
+    return ds.select(range(eval_blocks, len(ds))), ds[list(range(eval_blocks))]["input_ids"]

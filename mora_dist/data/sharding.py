@@ -3,15 +3,22 @@
 Micro-batch ``k`` of rank ``r`` holds global samples ``(k * dp + r) * micro + e`` for ``e < micro``: the ranks
 read interleaved contiguous slices, and after ``n`` optimizer steps exactly ``n * global_batch`` samples (a
 prefix of the stream) are consumed. Resuming at that prefix continues with the very next sample.
+
+A map-style source is read at its global sample index (the same at any data-parallel size). A streaming source
+is split over the ranks (its reader's ``rank_local``): each rank reads it at the count of that source's samples
+*this rank* has taken, which is recomputed from the global resume point, so every rank resumes exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from mora_dist.data.mixture import Mixture
+
+_COUNT_CHUNK = 1 << 20  # global samples per step when counting a rank's samples before the resume point
 
 
 class ShardedBatches:
@@ -35,6 +42,18 @@ class ShardedBatches:
         self.mixture, self.readers = mixture, readers
         self.micro, self.rank, self.dp = micro_batch_size, dp_rank, dp_size
         self.k = start_sample // per_round
+        self._local = [bool(getattr(r, "rank_local", False)) for r in readers]
+        self._taken = self._rank_counts(start_sample) if any(self._local) else None
+
+    def _rank_counts(self, end: int) -> np.ndarray:
+        """``(num_sources,)``: samples of each source among this rank's global samples ``< end``."""
+        counts = np.zeros(self.mixture.num_sources, dtype=np.int64)
+        for start in range(0, end, _COUNT_CHUNK):
+            n = min(_COUNT_CHUNK, end - start)
+            src, _ = self.mixture.assign(start, n)
+            mine = (np.arange(start, start + n) // self.micro) % self.dp == self.rank
+            counts += np.bincount(src[mine], minlength=self.mixture.num_sources)
+        return counts
 
     @property
     def samples_consumed(self) -> int:
@@ -51,7 +70,12 @@ class ShardedBatches:
         for s in range(self.mixture.num_sources):
             where = [e for e in range(self.micro) if src[e] == s]
             if where:
-                for e, block in zip(where, self.readers[s].get([int(idx[e]) for e in where]), strict=True):
+                if self._local[s]:
+                    js = [int(self._taken[s]) + n for n in range(len(where))]
+                    self._taken[s] += len(where)
+                else:
+                    js = [int(idx[e]) for e in where]
+                for e, block in zip(where, self.readers[s].get(js), strict=True):
                     rows[e] = block
         self.k += 1
         return torch.tensor(rows, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)

@@ -1,6 +1,18 @@
 """Raw text sources (local text / JSONL / Parquet files or folders, or a hub dataset) and the tokenizer.
 
 Every source becomes a ``datasets`` dataset with one ``text`` column, map-style (cached Arrow) or streaming.
+A source's ``path`` is one of:
+
+- ``hf://<dataset id>`` (e.g. ``hf://allenai/c4`` with ``hub_config="en"``): read from the Hugging Face hub by
+  ``datasets.load_dataset(id, hub_config, split=...)``; streaming reads it on the fly.
+- a local folder in the hub's layout, when ``hub_config`` or ``eval_split`` is set: a copy of the hub dataset
+  (``git clone`` or ``hf download --repo-type dataset``) read by exactly the same call, so a local copy is one
+  ``--set data.sources.<i>.path=...`` away. Without the repo's ``README.md`` (which names each config's files),
+  ``<path>/<hub_config>/`` or ``<path>`` itself is read and the splits come from the file names
+  (``c4-train.00000-of-01024.json.gz``, ``c4-validation...``), as ``datasets`` does.
+- otherwise local files: a .txt / .jsonl / .parquet file (optionally compressed) or a folder of them, one split.
+
+The tokenizer is a ``tokenizer.json``, a local tokenizer folder, or ``hf://<model id>`` (e.g. ``hf://google-t5/t5-base``).
 """
 
 from __future__ import annotations
@@ -22,6 +34,30 @@ EOS_TOKEN = "<|endoftext|>"
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _FORMATS = {"text": "text", "jsonl": "json", "parquet": "parquet"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+HUB_PREFIX = "hf://"
+
+
+def hub_id(path: str) -> str | None:
+    """The hub repository id of an ``hf://<id>`` path, else ``None`` (a local path)."""
+    return path.removeprefix(HUB_PREFIX) if path.startswith(HUB_PREFIX) else None
+
+
+def reads_like_hub(path: str, hub_config: str | None, eval_split: str | None) -> bool:
+    """Whether ``datasets.load_dataset`` reads the source as a (hub or local copy of a) dataset with splits."""
+    return hub_id(path) is not None or hub_config is not None or eval_split is not None
+
+
+def _load_dataset_args(path: str, hub_config: str | None) -> tuple[tuple, dict]:
+    """``load_dataset`` arguments for a hub id or a local copy of a hub dataset (see the module docstring)."""
+    repo = hub_id(path)
+    if repo is not None:
+        return (repo, hub_config), {}
+    root = Path(path)
+    if (root / "README.md").is_file():
+        return (str(root), hub_config), {}
+    if hub_config is not None and (root / hub_config).is_dir():
+        return (str(root),), {"data_dir": hub_config}
+    return (str(root),), {}
 
 
 def _builder_of(path: Path) -> str | None:
@@ -52,32 +88,42 @@ def list_files(path: str | os.PathLike, fmt: str = "auto") -> tuple[str, list[st
 
 
 def load_text_source(
+    path: str,
     *,
-    path: str | None = None,
-    hub: str | None = None,
     hub_config: str | None = None,
     split: str = "train",
+    eval_split: str | None = None,
     fmt: str = "auto",
     text_field: str = "text",
     streaming: bool = False,
     cache_dir: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """One source as a dataset with a single ``text`` column.
+    """Split ``split`` of one source as a dataset with a single ``text`` column.
 
     Plain text files give one sample per paragraph (blank-line separated), so documents are not cut into lines
-    before packing. ``hub`` needs a machine that is online (or a populated Hugging Face cache).
+    before packing. An ``hf://`` path needs the hub at run time (see :func:`mora_dist.data.hub.check_hub`).
     """
-    if path is not None:
+    if reads_like_hub(path, hub_config, eval_split):
+        args, kwargs = _load_dataset_args(path, hub_config)
+        try:
+            ds = datasets.load_dataset(*args, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
+        except (ValueError, FileNotFoundError) as exc:
+            raise MoRAConfigError(
+                f"data source path={path!r} (hub_config={hub_config!r}, split={split!r}) cannot be read as a "
+                f"Hugging Face dataset: {exc}. A local copy must be in the hub's layout (the repo's README.md, or "
+                "files named <name>-<split>.* per config folder); for plain files drop hub_config and eval_split"
+            ) from exc
+    else:
         builder, files = list_files(path, fmt)
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming,
                                    cache_dir=cache_dir, **kwargs)
-    else:
-        ds = datasets.load_dataset(hub, hub_config, split=split, streaming=streaming, cache_dir=cache_dir)
     columns = ds.column_names
     if columns is not None and text_field not in columns:
-        raise MoRAConfigError(f"data source {path or hub!r} has no column text_field={text_field!r}; "
+        raise MoRAConfigError(f"data source {path!r} has no column text_field={text_field!r}; "
                               f"its columns are {columns}: set the source's text_field")
+    if columns is None:  # streaming without known features: keep only the text field
+        ds = ds.select_columns([text_field])
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
     if columns is not None:
@@ -104,9 +150,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """A ``tokenizer.json`` file (EOS ``<|endoftext|>``) or a Hugging Face tokenizer folder; it must have EOS."""
+    """A ``tokenizer.json`` file (EOS ``<|endoftext|>``), a Hugging Face tokenizer folder, or ``hf://<model id>``
+    from the hub; it must have EOS."""
+    repo = hub_id(str(path))
     p = Path(path)
-    if p.is_file():
+    if repo is not None:
+        tok = AutoTokenizer.from_pretrained(repo)
+    elif p.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(p), eos_token=EOS_TOKEN)
     else:
         tok = AutoTokenizer.from_pretrained(str(p))

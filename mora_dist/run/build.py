@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -23,12 +24,14 @@ from mora_dist.data import (
     Mixture,
     ShardedBatches,
     StreamReader,
+    head_blocks,
     load_text_source,
     load_tokenizer,
     split_eval,
     tokenize_and_pack,
     train_tokenizer,
 )
+from mora_dist.data.sources import hub_id
 from mora_dist.run.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -70,20 +73,30 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def build_tokenizer(cfg: RunConfig):
     """Load ``data.tokenizer``; train it from the sources first if it is missing (rank 0, others wait)."""
     path = Path(cfg.data.tokenizer)
-    if not path.exists():
-        if dist.get_rank() == 0:
-            sources = [_raw_source(cfg, s) for s in cfg.data.sources]
+    if hub_id(cfg.data.tokenizer) is None and not path.exists():
+        if _rank() == 0:
+            sources = [_raw_source(cfg, s) for s in cfg.data.sources if s.format != "megatron"]
             train_tokenizer((row["text"] for ds in sources for row in ds), cfg.data.tokenizer_vocab_size, path)
-        dist.barrier()
-    return load_tokenizer(path)
+        _barrier()
+    return load_tokenizer(cfg.data.tokenizer)
 
 
-def _raw_source(cfg: RunConfig, s):
-    return load_text_source(path=s.path, hub=s.hub, hub_config=s.hub_config, split=s.split, fmt=s.format,
-                            text_field=s.text_field, streaming=cfg.data.streaming, cache_dir=cfg.data.cache_dir)
+def _raw_source(cfg: RunConfig, s, split: str | None = None):
+    return load_text_source(s.path, hub_config=s.hub_config, split=split or s.split, eval_split=s.eval_split,
+                            fmt=s.format, text_field=s.text_field, streaming=cfg.data.streaming,
+                            cache_dir=cfg.data.cache_dir)
 
 
 @dataclass
@@ -94,23 +107,43 @@ class Data:
     eval_sets: dict[str, list[list[int]]]
 
 
+def _source_blocks(cfg: RunConfig, s, tokenizer):
+    """``(train, held_out)`` packed blocks of one source (map-style, streaming, or Megatron indexed)."""
+    if s.format == "megatron":
+        from mora_dist.data.indexed import IndexedBlocks
+
+        return split_eval(IndexedBlocks(s.path, cfg.data.seq_len), s.eval_blocks, s.name)
+    pack = dict(num_proc=cfg.data.num_proc, desc=f"tokenize+pack {s.name}")
+    packed = tokenize_and_pack(_raw_source(cfg, s), tokenizer, cfg.data.seq_len, **pack)
+    if s.eval_split is None:
+        return split_eval(packed, s.eval_blocks, s.name)
+    held = tokenize_and_pack(_raw_source(cfg, s, s.eval_split), tokenizer, cfg.data.seq_len, **pack)
+    return packed, head_blocks(held, s.eval_blocks, s.name)
+
+
 def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_sample: int) -> Data:
-    """Tokenise, pack and split every source (rank 0 first, so the others read its cache), then the mixture."""
+    """Tokenise, pack and split every source (rank 0 first, so the others read its cache), then the mixture.
+
+    A streaming source is split over the data-parallel ranks (each reads only its part; see ``StreamReader``).
+    """
     readers, eval_sets = [], {}
     for first in (True, False):
-        if first == (dist.get_rank() == 0):
+        if first == (_rank() == 0):
             for s in cfg.data.sources:
-                packed = tokenize_and_pack(_raw_source(cfg, s), tokenizer, cfg.data.seq_len,
-                                           num_proc=cfg.data.num_proc)
-                train, held_out = split_eval(packed, s.eval_blocks, s.name)
+                train, held_out = _source_blocks(cfg, s, tokenizer)
                 seed = cfg.training.seed * 1009 + len(readers)
-                if cfg.data.streaming:
+                if isinstance(train, datasets.IterableDataset):
                     readers.append(StreamReader(train, seed=seed, shuffle=cfg.data.shuffle,
-                                                buffer=cfg.data.shuffle_buffer))
+                                                buffer=cfg.data.shuffle_buffer, dp_rank=dp_rank, dp_size=dp_size,
+                                                shard_files=s.eval_split is not None))
+                    logger.info("source %s: streaming, read in %d parts over the data-parallel ranks; %d eval "
+                                "blocks", s.name, dp_size, len(held_out))
                 else:
                     readers.append(MapReader(train, seed=seed, shuffle=cfg.data.shuffle))
+                    logger.info("source %s: %d train blocks (%d tokens), %d eval blocks", s.name, len(train),
+                                len(train) * cfg.data.seq_len, len(held_out))
                 eval_sets[s.name] = held_out
-        dist.barrier()
+        _barrier()
     mixture = Mixture([s.weight for s in cfg.data.sources], seed=cfg.training.seed)
     train = ShardedBatches(mixture, readers, micro_batch_size=cfg.training.micro_batch_size, dp_rank=dp_rank,
                            dp_size=dp_size, start_sample=start_sample)

@@ -109,22 +109,30 @@ class SchedulerSection(_Section):
 
 
 class DataSource(_Section):
-    """One corpus: a local file or folder (``path``) or a hub dataset (``hub``) when online."""
+    """One corpus. ``path`` is local files (a .txt/.jsonl/.parquet file or folder), ``hf://<dataset id>`` on the
+    Hugging Face hub, a local copy of a hub dataset (when ``hub_config`` or ``eval_split`` is set), or with
+    ``format="megatron"`` the prefix of a Megatron indexed dataset (``<prefix>.bin`` + ``<prefix>.idx``).
+
+    ``hub_config`` / ``split`` / ``eval_split`` pick the hub dataset's config and splits; with ``eval_split`` the
+    first ``eval_blocks`` packed blocks of that split are the held-out set and all of ``split`` trains, otherwise
+    the first ``eval_blocks`` blocks of ``split`` are held out.
+    """
 
     name: str = Field(min_length=1)
-    path: str | None = None
-    hub: str | None = None
+    path: str = Field(min_length=1)
     hub_config: str | None = None
     split: str = "train"
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    eval_split: str | None = None
+    format: Literal["auto", "text", "jsonl", "parquet", "megatron"] = "auto"
     text_field: str = "text"
     weight: float = Field(default=1.0, gt=0.0)
     eval_blocks: int = Field(default=16, ge=1)
 
 
 class DataSection(_Section):
-    """Sources and their mixture, tokenizer, packing. ``tokenizer`` is a ``tokenizer.json`` file or a
-    Hugging Face tokenizer folder; with ``tokenizer_vocab_size`` a missing file is trained from the sources."""
+    """Sources and their mixture, tokenizer, packing. ``tokenizer`` is a ``tokenizer.json`` file, a Hugging Face
+    tokenizer folder or ``hf://<model id>``; with ``tokenizer_vocab_size`` a missing file is trained from the
+    sources. Streaming sources are split over the data-parallel ranks (each rank reads only its part)."""
 
     sources: list[DataSource] = Field(min_length=1)
     tokenizer: str
@@ -242,15 +250,12 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
             except MoRAConfigError as exc:
                 out.append(str(exc))
     for i, s in enumerate(cfg.data.sources):
-        key = f"data.sources[{i}]"
-        if (s.path is None) == (s.hub is None):
-            out.append(f"{key} ({s.name!r}): give exactly one of path (local files) or hub (dataset name)")
-        elif s.path is not None and check_paths:
-            _check_path(out, f"{key}.path", s.path, "a text/JSONL/Parquet file or a folder of them")
+        _check_source(out, f"data.sources[{i}]", s, check_paths=check_paths)
     names = [s.name for s in cfg.data.sources]
     if len(set(names)) != len(names):
         out.append(f"data.sources names {names} repeat: give every source its own name (it tags eval/<name>/loss)")
-    if check_paths and not Path(cfg.data.tokenizer).exists() and cfg.data.tokenizer_vocab_size is None:
+    if (check_paths and not cfg.data.tokenizer.startswith("hf://") and not Path(cfg.data.tokenizer).exists()
+            and cfg.data.tokenizer_vocab_size is None):
         out.append(f"data.tokenizer={cfg.data.tokenizer!r} does not exist: give a tokenizer.json or tokenizer folder, "
                    "or set data.tokenizer_vocab_size to train one from the sources on first use")
     if isinstance(cfg.deepspeed, str) and check_paths:
@@ -310,6 +315,35 @@ def _check_restarts(cfg: RunConfig, out: list[str]) -> None:
         out.append(f"scheduler.restart_warmup_steps={s.restart_warmup_steps} must be below {key}.merge_every={T}")
     if s.min_lr_ratio <= 0:
         out.append("scheduler.min_lr_ratio=0 is not allowed with 'jagged_cosine': use a floor in (0, 1], e.g. 0.1")
+
+
+def _check_source(out: list[str], key: str, s: DataSource, *, check_paths: bool) -> None:
+    """One data source: its kind (local files, hub, local copy of a hub dataset, Megatron prefix) and paths."""
+    from mora_dist.data.sources import hub_id, reads_like_hub
+
+    hub_like = reads_like_hub(s.path, s.hub_config, s.eval_split)
+    if s.format == "megatron":
+        if hub_like:
+            out.append(f"{key} ({s.name!r}): format='megatron' reads a local .bin/.idx prefix; remove "
+                       f"hub_config/eval_split and give a local path (got path={s.path!r})")
+        elif check_paths:
+            for suffix in (".bin", ".idx"):
+                if not Path(s.path + suffix).is_file():
+                    out.append(f"{key}.path={s.path!r}: {s.path + suffix} does not exist: give the prefix of a "
+                               "Megatron indexed dataset (corpus_text_document for corpus_text_document.bin/.idx)")
+                    break
+    elif hub_like:
+        if s.format != "auto":
+            out.append(f"{key}.format={s.format!r}: a hub dataset (or a local copy of one) gives its own format; "
+                       "remove format, or drop hub_config/eval_split to read plain files")
+        if hub_id(s.path) is None and check_paths and not Path(s.path).is_dir():
+            out.append(f"{key}.path={s.path!r} does not exist: give a local copy of the hub dataset (a folder) "
+                       f"or hf://<dataset id>")
+        if s.eval_split is not None and s.eval_split == s.split:
+            out.append(f"{key}.eval_split={s.eval_split!r} equals split: hold out another split (e.g. 'validation')"
+                       " or remove eval_split to hold out the first eval_blocks blocks of the training split")
+    elif check_paths:
+        _check_path(out, f"{key}.path", s.path, "a text/JSONL/Parquet file or a folder of them")
 
 
 def _check_path(out: list[str], key: str, value: str, what: str, *, want_dir: bool = False) -> None:
