@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from mora_dist.errors import MoRAConfigError  # noqa: E402
-from mora_dist.run.checkpoint import clean_stale, latest_tag, list_checkpoints  # noqa: E402
+from mora_dist.run.checkpoint import clean_stale, list_checkpoints  # noqa: E402
 from mora_dist.run.config import RunConfig, RunConfigError, check_world, load_run_config  # noqa: E402
 
 logger = logging.getLogger("mora_dist.pretrain")
@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="JSON run config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.max_steps=20 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output_dir (the newest complete one if 'latest' is "
+                        "missing); an error if there is none")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --check: the world size to validate for (default: $WORLD_SIZE or 1)")
@@ -63,6 +65,9 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
     if not args.resume and list_checkpoints(ckpt_dir):
         raise RunConfigError(f"training.output_dir={cfg.training.output_dir!r} already holds checkpoints: pass "
                              "--resume to continue that run, or choose a new output_dir")
+    if args.resume and not list_checkpoints(ckpt_dir):
+        raise RunConfigError(f"--resume: {ckpt_dir} holds no complete checkpoint (no step_* folder); start a new "
+                             "run without --resume, or set training.output_dir to the run to continue")
     return cfg, accum
 
 
@@ -120,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         clean_stale(Path(cfg.training.output_dir) / "checkpoints")
     dist.barrier()
     engine, callbacks = backend.build(cfg, vocab_size, tokenizer.eos_token_id, accum)
-    trainer = loop.Trainer(cfg, engine, callbacks, backend, resume=args.resume and latest_tag(
-        Path(cfg.training.output_dir) / "checkpoints") is not None)
+    trainer = loop.Trainer(cfg, engine, callbacks, backend, resume=args.resume)
     start = time.perf_counter()
     trainer.run(tokenizer)
     logger.info("finished %d steps in %.1fs", cfg.training.max_steps, time.perf_counter() - start)

@@ -47,12 +47,18 @@ def test_misaligned_resume_point_is_rejected():
         _take(0, 2, 3, 1, start=5)
 
 
-def test_eval_shard_splits_blocks_over_ranks():
+def test_eval_shard_splits_blocks_over_ranks_and_pads_to_equal_batch_counts():
+    """Catches ranks running different numbers of eval forwards (a deadlock under ZeRO-3) and padding that
+    would be counted in the loss."""
     blocks = [[i] * 4 for i in range(7)]
     r0 = eval_shard(blocks, dp_rank=0, dp_size=2, micro_batch_size=3)
     r1 = eval_shard(blocks, dp_rank=1, dp_size=2, micro_batch_size=3)
-    seen = sorted(int(x) for b in r0 + r1 for x in b[:, 0])
-    assert seen == list(range(7)) and [b.shape[0] for b in r0] == [3, 1]
+    seen = sorted(int(x) for b, real in r0 + r1 if real for x in b[:, 0])
+    assert seen == list(range(7)) and [b.shape[0] for b, _ in r0] == [3, 1]
+    assert [real for _, real in r1] == [True, False] and r1[1][0].tolist() == [[0] * 4]
+    for size in (3, 4, 5):  # fewer blocks than ranks too
+        shares = [eval_shard(blocks[:2], dp_rank=r, dp_size=size, micro_batch_size=1) for r in range(size)]
+        assert {len(s) for s in shares} == {1} and sum(real for s in shares for _, real in s) == 2
 
 
 # --- streaming sources split over data-parallel ranks (issue 13, item 1) -------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -82,3 +83,33 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
     assert sorted(got["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
     assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-5)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+ZERO3_BF16 = [
+    "training.max_steps=20", "remora.merge_every=10", "training.eval_interval=10", "training.save_interval=10",
+    "training.keep_last=10", "scheduler.warmup_steps=5", "scheduler.restart_warmup_steps=2",
+    "deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+    "model.dtype=bfloat16", "data.sources.0.eval_blocks=17", "data.sources.1.eval_blocks=17",
+]
+
+
+def test_zero3_bf16_run_with_odd_eval_blocks_finishes_and_resumes_without_latest(tmp_path):
+    """ZeRO-3 (every weight partitioned) in bf16 at 2 ranks with 17 eval blocks per source (9 and 8 per rank).
+    Catches the ZeRO-3 evaluation deadlock, a resume that silently restarts at step 0 when ``latest`` is gone,
+    and a resume that is not exact at ZeRO-3 in bf16 (partitioned fp32 master, merge count, type cycle)."""
+    out = tmp_path / "run"
+    sets = [*ZERO3_BF16, f"training.output_dir={out}"]
+    run(2, TINY, sets)
+    ref = scalars(out)
+    assert sorted(ref["remora/merges"].items()) == [(10, 1.0), (20, 2.0)]
+    assert set(ref["eval/loss"]) == {0, 10, 20}
+    ckpt = out / "checkpoints"
+    shutil.rmtree(ckpt / "step_0000020")
+    (ckpt / "latest").unlink()
+    proc = run(2, TINY, sets, "--resume")
+    assert "resuming from the newest complete checkpoint step_0000010" in proc.stdout + proc.stderr
+    got = scalars(out)
+    for step in range(11, 21):
+        assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
+    assert got["eval/loss"][20] == pytest.approx(ref["eval/loss"][20], rel=1e-5)
+    assert got["remora/merges"][20] == 2.0 and latest_tag(ckpt) == "step_0000020"

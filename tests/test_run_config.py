@@ -98,6 +98,10 @@ def test_cli_reports_bad_configs_before_any_output(tmp_path):
                               timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not out.exists()
+    empty = subprocess.run([sys.executable, "launch/pretrain.py", "--config", TINY, "--resume", "--set",
+                            f"training.output_dir={out}"], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and f"{out / 'checkpoints'} holds no complete checkpoint" in empty.stderr
+    assert not out.exists()  # --resume with nothing to resume stops instead of starting over
     ok = subprocess.run([sys.executable, "launch/pretrain.py", "--config", TINY, "--check", "--world-size", "2",
                          "--set", f"training.output_dir={out}"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "method=remora" in ok.stdout and not out.exists()

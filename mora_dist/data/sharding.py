@@ -82,8 +82,19 @@ class ShardedBatches:
 
 
 def eval_shard(blocks: Sequence[list[int]], *, dp_rank: int, dp_size: int,
-               micro_batch_size: int) -> list[torch.Tensor]:
-    """This rank's share (``blocks[r::dp]``) of a held-out set, as ``(<=micro, seq_len)`` batches."""
-    mine = list(blocks[dp_rank::dp_size])
+               micro_batch_size: int) -> list[tuple[torch.Tensor, bool]]:
+    """This rank's share (``blocks[r::dp]``) of a held-out set as ``(batch: (<=micro, seq_len), real)`` pairs,
+    padded so that every rank gets the same number of batches.
+
+    Under ZeRO-3 (and tensor parallelism) every forward is a collective, so a rank that stops early leaves the
+    others waiting forever. Ranks with fewer blocks get padding batches (one copy of ``blocks[0]``,
+    ``real=False``) to run and discard, so the loss stays exact over the real blocks.
+    """
+    if not blocks:
+        return []
     step = micro_batch_size
-    return [torch.tensor(mine[i : i + step], dtype=torch.long) for i in range(0, len(mine), step)]
+    mine = list(blocks[dp_rank::dp_size])
+    batches = [(torch.tensor(mine[i : i + step], dtype=torch.long), True) for i in range(0, len(mine), step)]
+    most = -(-len(blocks[0::dp_size]) // step)  # rank 0 holds the most blocks
+    pad = torch.tensor(blocks[:1], dtype=torch.long)
+    return batches + [(pad, False)] * (most - len(batches))

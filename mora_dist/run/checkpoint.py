@@ -48,6 +48,33 @@ def latest_tag(save_dir: str | os.PathLike) -> str | None:
     return tag if (Path(save_dir) / tag).is_dir() else None
 
 
+def resume_tag(save_dir: str | os.PathLike) -> str:
+    """The checkpoint ``--resume`` continues from: the one ``latest`` names, else the newest complete one.
+
+    A ``latest`` that is missing, unreadable or names no folder falls back to the newest ``step_*`` folder (each
+    is complete: it only gets its name once every rank has written it) with a warning.
+
+    Raises:
+        FileNotFoundError: ``save_dir`` holds no complete checkpoint (names the folder).
+    """
+    save_dir = Path(save_dir)
+    try:
+        tag = latest_tag(save_dir)
+        why = f"'{LATEST}' is missing" if not (save_dir / LATEST).exists() else f"'{LATEST}' names no folder"
+    except (OSError, UnicodeDecodeError) as exc:
+        tag, why = None, f"'{LATEST}' is unreadable ({exc})"
+    if tag is not None:
+        return tag
+    found = list_checkpoints(save_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: {save_dir} holds no complete checkpoint (no step_* folder); start a new "
+                                "run without --resume, or point training.output_dir at the run to continue")
+    step, folder = found[-1]
+    logger.warning("%s in %s: resuming from the newest complete checkpoint %s (step %d)", why, save_dir,
+                   folder.name, step)
+    return folder.name
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
@@ -71,7 +98,9 @@ def save_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_state
                     keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank calls it); keep the newest ``keep_last``.
 
-    Returns the final folder.
+    Pruning only looks at checkpoints at or below ``step``: the newest ``keep_last`` of those stay (so the one a
+    run resumed from is only removed once ``keep_last`` newer ones of this run exist), and a folder above
+    ``step`` is never removed here (it is not this run's history). Returns the final folder.
     """
     save_dir = Path(save_dir)
     tag = tag_for(step)
@@ -84,18 +113,22 @@ def save_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_state
             shutil.rmtree(final)
         os.replace(save_dir / tmp_tag, final)
         _write_atomic(save_dir / LATEST, tag)
-        for _, old in list_checkpoints(save_dir)[:-keep_last]:
+        older = [d for s, d in list_checkpoints(save_dir) if s <= step]
+        for old in older[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return final
 
 
-def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """Load the checkpoint named by ``latest`` into ``engine``; its client state, or ``None`` if there is none."""
-    tag = latest_tag(save_dir)
-    if tag is None:
-        return None
+def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load the checkpoint :func:`resume_tag` picks into ``engine``; returns its client state.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint in ``save_dir``.
+        RuntimeError: DeepSpeed could not load it.
+    """
+    tag = resume_tag(save_dir)
     path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {save_dir}")

@@ -54,6 +54,36 @@ def make_backend(cfg: RunConfig):
     return HFBackend()
 
 
+@torch.no_grad()
+def evaluate_sets(engine: Any, backend: Any, eval_sets: dict[str, list[list[int]]], *,
+                  micro_batch_size: int) -> dict[str, float]:
+    """Token-weighted loss on every source's held-out blocks, split over data-parallel ranks.
+
+    Every rank runs the same number of forwards (``eval_shard`` pads the shorter shares with batches whose
+    result is discarded): under ZeRO-3 each forward gathers parameters collectively. The loss counts the real
+    blocks only, so it equals the single-process loss over the same blocks.
+    """
+    from mora_dist.data import eval_shard
+
+    engine.eval()
+    sums = []
+    for blocks in eval_sets.values():
+        loss_sum, count = 0.0, 0
+        for batch, real in eval_shard(blocks, dp_rank=backend.dp_rank, dp_size=backend.dp_size,
+                                      micro_batch_size=micro_batch_size):
+            loss, n = backend.loss(engine, batch)
+            if real:
+                loss_sum, count = loss_sum + loss.item() * n, count + n
+        sums.extend([loss_sum, count])
+    engine.train()
+    t = torch.tensor(sums, dtype=torch.float64, device=build.device())
+    dist.all_reduce(t, group=backend.dp_group)
+    out = {f"eval/{name}/loss": float(t[2 * i] / max(t[2 * i + 1], 1)) for i, name in enumerate(eval_sets)}
+    out["eval/loss"] = float(t[0::2].sum() / max(t[1::2].sum(), 1))
+    out["eval/perplexity"] = perplexity(out["eval/loss"])
+    return out
+
+
 class Trainer:
     """Runs ``training.max_steps`` optimizer steps from scratch or from the latest checkpoint."""
 
@@ -87,27 +117,9 @@ class Trainer:
         dist.all_reduce(t, group=self.backend.dp_group)
         return (t / self.backend.dp_size).tolist()
 
-    @torch.no_grad()
     def evaluate(self, eval_sets: dict[str, list[list[int]]]) -> dict[str, float]:
-        """Token-weighted loss on every source's held-out blocks (split over data-parallel ranks)."""
-        from mora_dist.data import eval_shard
-
-        self.engine.eval()
-        sums = []
-        for blocks in eval_sets.values():
-            loss_sum, count = 0.0, 0
-            for batch in eval_shard(blocks, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
-                                    micro_batch_size=self.cfg.training.micro_batch_size):
-                loss, n = self.backend.loss(self.engine, batch)
-                loss_sum, count = loss_sum + loss.item() * n, count + n
-            sums.extend([loss_sum, count])
-        self.engine.train()
-        t = torch.tensor(sums, dtype=torch.float64, device=build.device())
-        dist.all_reduce(t, group=self.backend.dp_group)
-        out = {f"eval/{name}/loss": float(t[2 * i] / max(t[2 * i + 1], 1)) for i, name in enumerate(eval_sets)}
-        out["eval/loss"] = float(t[0::2].sum() / max(t[1::2].sum(), 1))
-        out["eval/perplexity"] = perplexity(out["eval/loss"])
-        return out
+        return evaluate_sets(self.engine, self.backend, eval_sets,
+                             micro_batch_size=self.cfg.training.micro_batch_size)
 
     def run(self, tokenizer) -> None:
         cfg, t, engine = self.cfg, self.cfg.training, self.engine
