@@ -2,7 +2,9 @@
 
 Our keys: ``base_model.model.<module>.mora_M`` (the global ``(r_hat, r_hat)`` matrix, whatever the TP size) and
 ``base_model.model.<module>.<param>`` for ``modules_to_save``. ``load_mora`` also reads the MoRA authors' PEFT
-fork (``"use_mora": true`` in the config, the matrix under ``lora_A.weight``).
+fork (``"use_mora": true`` in the config, the matrix under ``lora_A.weight``, the same matrix again under
+``lora_B.weight``) with the ``modules_to_save`` tensors it holds, in PEFT's saved layout
+(``base_model.model.<module>.<param>``) or its in-memory one (``<module>.modules_to_save.<adapter>.<param>``).
 """
 
 from __future__ import annotations
@@ -115,20 +117,52 @@ def load_mora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"module {name!r}: adapter matrix has shape {tuple(M.shape)}, the model's layer expects {expected} "
                 f"(different in/out features or r); load it into the model it was trained on"
             )
+    others = _place_module_tensors(model, state, suffix, path)
+    for name, M in matrices.items():
         layers[name].set_global_M(M)
-    if not authors:
-        params = dict(model.named_parameters())
-        for key, value in state.items():
-            name = key[len(PREFIX) :]
-            if key.endswith(".mora_M"):
-                continue
-            if name not in params:
-                raise AdapterLoadError(f"adapter at {path} saves {name!r}, which the model does not have")
-            if params[name].shape != value.shape:
-                raise AdapterLoadError(
-                    f"module parameter {name!r}: adapter has shape {tuple(value.shape)}, "
-                    f"model has {tuple(params[name].shape)}"
-                )
-            with torch.no_grad():
-                params[name].copy_(value)
+    with torch.no_grad():
+        for param, value in others:
+            param.copy_(value)
     return model
+
+
+def _place_module_tensors(
+    model: nn.Module, state: dict[str, torch.Tensor], suffix: str, path: str | os.PathLike
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``(parameter, value)`` for every tensor of ``state`` that is not an adapter matrix (``modules_to_save``).
+
+    Accepts PEFT's saved key ``base_model.model.<module>.<param>`` and its in-memory
+    ``base_model.model.<module>.modules_to_save.<adapter>.<param>``. The authors' ``lora_B.weight`` is a second
+    copy of ``lora_A.weight`` and is skipped when equal.
+
+    Raises:
+        AdapterLoadError: tensors the model has no parameter for (all named), or a shape mismatch.
+    """
+    params = dict(model.named_parameters())
+    placed, unplaced = [], []
+    for key, value in state.items():
+        if key.endswith(suffix):
+            continue
+        if suffix == ".lora_A.weight" and key.endswith(".lora_B.weight"):
+            twin = state.get(key[: -len(".lora_B.weight")] + suffix)
+            if twin is not None and torch.equal(twin, value):
+                continue
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else None
+        if name is not None and ".modules_to_save." in name:
+            module, _, rest = name.partition(".modules_to_save.")
+            name = f"{module}.{rest.partition('.')[2]}"  # drop the adapter name
+        if name not in params:
+            unplaced.append(key)
+            continue
+        if params[name].shape != value.shape:
+            raise AdapterLoadError(
+                f"module parameter {name!r}: adapter has shape {tuple(value.shape)}, "
+                f"model has {tuple(params[name].shape)}"
+            )
+        placed.append((params[name], value))
+    if unplaced:
+        raise AdapterLoadError(
+            f"adapter at {path} holds {len(unplaced)} tensor(s) this model has no parameter for: {unplaced[:8]}; "
+            "load it into the model it was trained on, or remove those tensors from the file"
+        )
+    return placed

@@ -102,3 +102,48 @@ def test_loads_adapters_of_the_authors_peft_fork(tmp_path, token_ids, mora_type)
     model = load_mora(base, path)
     assert {n for n, _ in mora_layers(model)} == set(expected_weights)
     torch.testing.assert_close(model(token_ids).logits, reference(token_ids).logits, rtol=0, atol=1e-5)
+
+
+def _authors_file(path, base, extra: dict[str, torch.Tensor], modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+    """An authors'-format adapter on ``q_proj`` (type 1) with ``extra`` tensors; returns the matrices."""
+    tensors = {}
+    for name, module in base.named_modules():
+        if name.endswith("q_proj"):
+            r_hat = int(((module.in_features + module.out_features) * 8) ** 0.5 + 0.5)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r_hat, r_hat) * 0.05
+            tensors[f"base_model.model.{name}.lora_B.weight"] = tensors[f"base_model.model.{name}.lora_A.weight"]
+    path.mkdir()
+    config = {"peft_type": "LORA", "use_mora": True, "mora_type": 1, "r": 8, "target_modules": ["q_proj"],
+              "modules_to_save": modules_to_save, "task_type": "CAUSAL_LM"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v.clone() for k, v in {**tensors, **extra}.items()}, str(path / "adapter_model.safetensors"))
+    return tensors
+
+
+def test_authors_files_load_their_modules_to_save_in_both_peft_layouts(tmp_path, token_ids):
+    """PEFT saves ``modules_to_save`` as ``base_model.model.<module>.<param>``; the in-memory layout is
+    ``<module>.modules_to_save.default.<param>``. Catches a loader that keeps only the matrices and silently drops
+    a trained ``lm_head`` / embedding (the logits would be the base model's)."""
+    base = _base()
+    head = torch.randn_like(base.lm_head.weight)
+    embed = torch.randn_like(base.model.embed_tokens.weight)
+    extra = {"base_model.model.lm_head.weight": head,
+             "base_model.model.model.embed_tokens.modules_to_save.default.weight": embed}
+    _authors_file(tmp_path / "authors", base, extra, ["lm_head", "embed_tokens"])
+    model = load_mora(_base(), tmp_path / "authors")
+    assert torch.equal(model.lm_head.weight, head) and torch.equal(model.model.embed_tokens.weight, embed)
+    assert model.lm_head.weight.requires_grad  # trainable, as modules_to_save
+
+
+def test_authors_files_with_tensors_the_model_cannot_place_are_refused_by_name(tmp_path):
+    """Catches tensors skipped without a word: every unplaceable key is named, and nothing is loaded."""
+    base = _base()
+    extra = {"base_model.model.score.modules_to_save.default.weight": torch.zeros(2, 48),
+             "base_model.model.model.norm.bias": torch.zeros(48)}
+    _authors_file(tmp_path / "authors", base, extra, ["score"])
+    model = _base()
+    apply_mora(model, MoRAConfig(r=8, mora_type=1, target_modules=["q_proj"]))
+    with pytest.raises(AdapterLoadError, match=r"2 tensor\(s\) this model has no parameter for") as exc:
+        load_mora(model, tmp_path / "authors")
+    assert "model.norm.bias" in str(exc.value) and "score.modules_to_save.default.weight" in str(exc.value)
+    assert all(float(layer.mora_M.detach().abs().max()) == 0 for _, layer in mora_layers(model))
