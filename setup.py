@@ -22,6 +22,7 @@ setup(
     extras_require={
         # tokenizers trains the tiny BPE used by tests and the tiny config; matplotlib draws the result plots.
         # accelerate: transformers.Trainer needs it (tests of the Trainer callback adapter).
-        "test": ["pytest>=7", "tokenizers>=0.15", "matplotlib>=3.7", "accelerate>=1.1"],
+        # peft: the serving exports are proven by loading them with the real PeftModel (library code never imports it).
+        "test": ["pytest>=7", "tokenizers>=0.15", "matplotlib>=3.7", "accelerate>=1.1", "peft>=0.21"],
     },
 )

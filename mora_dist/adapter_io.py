@@ -15,13 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mora_dist.config import MoRAConfig
-from mora_dist.errors import AdapterLoadError
+from mora_dist.errors import AdapterLoadError, MoRAConfigError
 from mora_dist.model import apply_mora, mora_layers
 from mora_dist.targeting import plan_modules_to_save
 
@@ -36,31 +37,34 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def mora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Global adapter tensors keyed as in the file (gathers tensor-parallel shards: call on every rank)."""
-    state = {f"{PREFIX}{name}.mora_M": layer.get_global_M().cpu() for name, layer in mora_layers(model)}
-    config: MoRAConfig = model.mora_config
-    for name in plan_modules_to_save(model, config.modules_to_save):
+def modules_to_save_state(model: nn.Module, names: list[str] | str | None = None) -> dict[str, torch.Tensor]:
+    """The parameters of the modules ``names`` (default: the MoRA config's ``modules_to_save``), keyed as in the
+    file (PEFT's keys for them too)."""
+    state = {}
+    if names is None and hasattr(model, "mora_config"):
+        names = model.mora_config.modules_to_save
+    for name in plan_modules_to_save(model, names):
         for pname, p in model.get_submodule(name).named_parameters():
             state[f"{PREFIX}{name}.{pname}"] = p.detach().cpu()
     return state
 
 
-def save_mora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter to directory ``path`` atomically (a temp dir renamed into place). Collective under TP."""
-    config: MoRAConfig = model.mora_config
-    state = {k: v.contiguous() for k, v in mora_state_dict(model).items()}
-    if not _is_rank0():
-        return
-    types = {layer.mora_type for _, layer in mora_layers(model)}
-    values = config.to_dict()
-    values["mora_type"] = types.pop() if len(types) == 1 else config.mora_type  # ReMoRA may have switched it
-    values["peft_type"] = "MORA"
+def mora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Global adapter tensors keyed as in the file (gathers tensor-parallel shards: call on every rank)."""
+    state = {f"{PREFIX}{name}.mora_M": layer.get_global_M().cpu() for name, layer in mora_layers(model)}
+    state.update(modules_to_save_state(model))
+    return state
+
+
+def write_adapter_dir(path: str | os.PathLike, config: dict, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically (a temp dir
+    renamed into place, replacing an older adapter there). Returns the safetensors file."""
+    state = {k: v.contiguous() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(values, indent=2, sort_keys=True))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "mora_dist"})
         if path.exists():
             shutil.rmtree(path)
@@ -68,6 +72,42 @@ def save_mora(model: nn.Module, path: str | os.PathLike) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    return path / WEIGHTS_NAME
+
+
+def save_mora(model: nn.Module, path: str | os.PathLike, *, format: str = "mora", optimizer: Any = None) -> None:
+    """Write the adapter to directory ``path`` atomically. Collective under TP (call on every rank).
+
+    Args:
+        model: a model with MoRA layers (``apply_mora``).
+        path: the folder to write (replaced if it exists).
+        format: ``"mora"`` (our files: the global ``M`` of every layer), ``"peft-lora"`` (a standard PEFT LoRA
+            that reproduces the model exactly, types 1-4) or ``"mora-authors"`` (the MoRA authors' PEFT fork);
+            see :mod:`mora_dist.export_formats`.
+        optimizer: for ``"peft-lora"`` and ``"mora-authors"``: read ``M`` from this (DeepSpeed) optimizer's fp32
+            master instead of the module's copy, which may be bf16.
+
+    Raises:
+        MoRAConfigError: an unknown ``format``, or a model the format cannot express (nothing is written).
+
+    Spec: §2.5.
+    """
+    if format != "mora":
+        from mora_dist.export_formats import save_adapter
+
+        save_adapter(model, path, format=format, optimizer=optimizer)
+        return
+    if optimizer is not None:
+        raise MoRAConfigError("save_mora(format='mora') writes the module's M; optimizer= is for the export formats")
+    config: MoRAConfig = model.mora_config
+    state = mora_state_dict(model)
+    if not _is_rank0():
+        return
+    types = {layer.mora_type for _, layer in mora_layers(model)}
+    values = config.to_dict()
+    values["mora_type"] = types.pop() if len(types) == 1 else config.mora_type  # ReMoRA may have switched it
+    values["peft_type"] = "MORA"
+    write_adapter_dir(path, values, state)
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[MoRAConfig, bool]:

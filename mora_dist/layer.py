@@ -55,9 +55,10 @@ class MoRALayerMixin:
             self.mora_M.zero_()
         return norms
 
-    def get_global_M(self) -> torch.Tensor:
-        """The global ``(r_hat, r_hat)`` matrix (tensor-parallel layers gather their shards)."""
-        return self.mora_M.detach().clone()
+    def get_global_M(self, local: torch.Tensor | None = None) -> torch.Tensor:
+        """The global ``(r_hat, r_hat)`` matrix (tensor-parallel layers gather their shards). ``local``: this
+        rank's value to gather instead of the module's ``M`` (e.g. its fp32 optimizer master)."""
+        return (self.mora_M if local is None else local).detach().clone()
 
     @torch.no_grad()
     def set_global_M(self, M: torch.Tensor) -> None:

@@ -123,6 +123,35 @@ def decompress_sources(out_features: int, r_hat: int, mora_type: int, in_feature
     return o % period
 
 
+def lora_factors(M: torch.Tensor, in_features: int, out_features: int, mora_type: int | str) -> tuple[
+    torch.Tensor, torch.Tensor
+]:
+    """The exact LoRA form of types 1-4: ``dW = D M C = B A`` with ``A = C``, ``B = D M``.
+
+    ``C: (r_hat, k)`` is the compressor of :func:`compress_pairs` as a matrix (wrap-padding folded in, so an
+    entry counts how often input ``j`` lands in slot ``a``); ``D: (d, r_hat)`` the 0/1 decompressor of
+    :func:`decompress_sources`, so ``B`` is rows of ``M``. ``M: (r_hat, r_hat)`` global; returns
+    ``A: (r_hat, k)``, ``B: (d, r_hat)`` in ``M``'s dtype (at least fp32).
+
+    Raises:
+        MoRAConfigError: ``mora_type=6``, whose block-rotary ``dW`` has no rank-``r_hat`` form.
+
+    Spec: §2.5.
+    """
+    mora_type = resolve_mora_type(mora_type)
+    if mora_type == 6:
+        raise MoRAConfigError(
+            "mora_type=6 (rope) has a block-diagonal dW of rank up to min(k, d): it has no exact low-rank LoRA "
+            "form; export the merged model instead (launch/export.py without --adapter-only, or merge_mora)"
+        )
+    r_hat = M.shape[0]
+    M = M.to(torch.promote_types(M.dtype, torch.float32))
+    src, dst = compress_pairs(in_features, r_hat, mora_type)
+    A = M.new_zeros(r_hat, in_features).index_put_((dst, src), M.new_ones(len(src)), accumulate=True)
+    B = M.index_select(0, decompress_sources(out_features, r_hat, mora_type, in_features))
+    return A, B
+
+
 def _inverse(ids: torch.Tensor, size: int) -> torch.Tensor:
     inverse = torch.full((size,), -1, dtype=torch.long)
     inverse[ids] = torch.arange(len(ids))

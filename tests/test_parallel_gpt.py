@@ -177,6 +177,8 @@ def _gpt_worker(tp: int, root: str) -> dict:
         out[f"t{t}/losses"] = _train(model)
         out[f"t{t}/trained"] = _logits(model)
         out[f"t{t}/replicated"] = [layer.plan.m_dim is None for _, layer in _mora_layers(model)]
+        if t != 6:  # the PEFT LoRA export gathers sharded matrices (type 2: every M sharded at TP = 2)
+            save_mora(model, f"{root}/peft_tp{tp}_t{t}", format="peft-lora")
         if tp == 2:
             save_mora(model, f"{root}/adapter_t{t}")
             _dist_save(model, f"{root}/dist_t{t}")
@@ -252,6 +254,18 @@ def test_save_at_tp2_loads_at_any_tp(runs, mora_type, tp):
     for rank in runs[tp]:
         _close(rank[f"{t}/loaded"], saved, 1e-5, "save_mora/load_mora")
         _close(rank[f"{t}/dist_loaded"], saved, 1e-5, "dist_checkpointing")
+
+
+def test_peft_lora_export_at_tp2_equals_tp1(runs, tmp_path_factory):
+    """``save_mora(format="peft-lora")`` of a TP = 2 model whose matrices are sharded writes the TP = 1 file:
+    catches a rank-local M (or a missing gather) in the LoRA export. Spec: §2.5, §4."""
+    from safetensors.torch import load_file
+
+    root = next(p for p in tmp_path_factory.getbasetemp().iterdir() if p.name.startswith("tp_gpt"))
+    tp2, tp1 = (load_file(root / f"peft_tp{tp}_t2" / "adapter_model.safetensors") for tp in (2, 1))
+    assert sorted(tp2) == sorted(tp1) and any(key.endswith("linear_qkv.lora_B.weight") for key in tp2)
+    for key in tp1:
+        _close(tp2[key], tp1[key], 1e-5, key)
 
 
 def _rows(d: int, tp: int, rank: int, stride: int) -> torch.Tensor:

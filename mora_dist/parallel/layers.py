@@ -188,11 +188,13 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         return [partition_ids(self.r_hat, self.tp_size, t, stride=self.plan.m_stride) for t in range(self.tp_size)]
 
     # ---- global matrix (adapter files at any TP size) ----
-    def get_global_M(self) -> torch.Tensor:
-        """The global ``(r_hat, r_hat)`` matrix; collective over the TP group when ``M`` is sharded."""
+    def get_global_M(self, local: torch.Tensor | None = None) -> torch.Tensor:
+        """The global ``(r_hat, r_hat)`` matrix; collective over the TP group when ``M`` is sharded. ``local``:
+        this rank's shard to gather instead of the module's (e.g. its fp32 optimizer master)."""
+        local = (self.mora_M if local is None else local).detach()
         if self.plan.m_dim is None:
-            return self.mora_M.detach().clone()
-        return gather_matrix_shards(self.mora_M.detach(), self._m_ids_per_rank(), self.plan.m_dim, self.tp_group)
+            return local.clone()
+        return gather_matrix_shards(local, self._m_ids_per_rank(), self.plan.m_dim, self.tp_group)
 
     @torch.no_grad()
     def set_global_M(self, M: torch.Tensor) -> None:

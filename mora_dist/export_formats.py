@@ -1,0 +1,303 @@
+"""Serving formats beside our own adapter files (:mod:`mora_dist.adapter_io`): a standard PEFT LoRA that
+reproduces a MoRA, LoRA, ReMoRA or ReLoRA model exactly, and the MoRA authors' PEFT-fork layout.
+
+PEFT LoRA (``peft_type: "LORA"``): for MoRA types 1-4, ``dW = D M C = B A`` with ``A = C: (r_hat, k)`` and
+``B = D M: (d, r_hat)`` (:func:`mora_dist.operators.lora_factors`), scaling 1. Servers read one ``r`` and one
+``lora_alpha``, so every module is zero-padded to the largest rank ``R`` and ``lora_alpha = r = R``. A run of
+merge cycles (ReMoRA, ReLoRA) is one LoRA relative to its starting weights: the cycles' ``A`` rows and ``B``
+columns are concatenated (rank ``sum_c r_hat_c`` plus the live adapter). Where a module's rank would exceed
+``min(d, k)``, its exact dense factorisation is smaller and is written instead: ``A = dW, B = I_d`` (``d <= k``)
+or ``A = I_k, B = dW``; no SVD, nothing truncated. Type 6 (block-rotary ``dW``, rank up to ``min(d, k)``) has no
+low-rank form and is refused before anything is gathered or written.
+
+The authors' format (``use_mora: true``): each module's square matrix under both ``lora_A.weight`` and
+``lora_B.weight``, the LoRA-equivalent ``r`` from which their fork recomputes ``r_hat``.
+
+Spec: §2.5, §3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mora_dist.adapter_io import PREFIX, _is_rank0, modules_to_save_state, write_adapter_dir
+from mora_dist.config import resolve_mora_type
+from mora_dist.errors import MoRAConfigError
+from mora_dist.lora import LoRALinear, lora_layers
+from mora_dist.model import mora_layers
+from mora_dist.operators import compute_r_hat, lora_factors
+from mora_dist.targeting import plan_modules_to_save
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("peft-lora", "mora-authors")
+Factors = list[tuple[torch.Tensor, torch.Tensor]]  # [(A: (r_i, k), B: (d, r_i))], dW = sum_i B_i A_i
+
+
+def _master(optimizer: Any, p: nn.Parameter) -> torch.Tensor | None:
+    """The fp32 master of ``p`` (collective under ZeRO), or ``None`` without an optimizer."""
+    if optimizer is None:
+        return None
+    from mora_dist.training import zero_state
+
+    return zero_state.get_full(optimizer, p)
+
+
+def global_matrices(model: nn.Module, optimizer: Any = None) -> dict[str, torch.Tensor]:
+    """The global fp32 ``M: (r_hat, r_hat)`` of every MoRA layer, from the optimizer's master when given.
+    Collective (tensor-parallel gather, ZeRO reads): call on every rank."""
+    return {name: layer.get_global_M(_master(optimizer, layer.mora_M)).float().cpu()
+            for name, layer in mora_layers(model)}
+
+
+def _refuse_rope(types: Mapping[str, int], where: str) -> None:
+    rope = sorted(name for name, t in types.items() if t == 6)
+    if rope:
+        raise MoRAConfigError(
+            f"{where}: mora_type=6 (rope) in {rope[:3]}{'...' if len(rope) > 3 else ''} has a block-diagonal dW of "
+            "rank up to min(d, k) and no exact LoRA form; export the merged model instead (launch/export.py "
+            "without --adapter-only, or merge_mora then save_pretrained)"
+        )
+
+
+def cycle_factors(cycles: Sequence[Mapping[str, Any]], shapes: Mapping[str, tuple[int, int]]) -> dict[str, Factors]:
+    """LoRA factors of merge cycles kept by the ReMoRA / ReLoRA callbacks (``state_dict()["cycles"]``).
+
+    Args:
+        cycles: each ``{"step", "mora_type", "matrices": {name: M}}`` (ReMoRA) or
+            ``{"step", "scaling", "factors": {name: (A, B)}}`` (ReLoRA).
+        shapes: ``{name: (in_features, out_features)}`` of the model's adapted layers.
+
+    Raises:
+        MoRAConfigError: a type-6 cycle, or a cycle whose modules are not the model's.
+    """
+    _refuse_rope({f"cycle at step {c['step']}": int(c["mora_type"]) for c in cycles if "matrices" in c},
+                 "--since-start")
+    out: dict[str, Factors] = {name: [] for name in shapes}
+    for cycle in cycles:
+        values = cycle["matrices"] if "matrices" in cycle else cycle["factors"]
+        if set(values) != set(shapes):
+            raise MoRAConfigError(
+                f"the merge cycle at step {cycle['step']} adapted {sorted(set(values) ^ set(shapes))[:3]}, which the "
+                "model does not (or the other way round); export from the run that kept these cycles"
+            )
+        for name, value in values.items():
+            if "matrices" in cycle:
+                out[name].append(lora_factors(value.float(), *shapes[name], cycle["mora_type"]))
+            else:
+                A, B = value
+                out[name].append((A.float(), B.float() * float(cycle["scaling"])))
+    return out
+
+
+def live_factors(model: nn.Module, optimizer: Any = None) -> dict[str, Factors]:
+    """LoRA factors of the model's live adapters: MoRA types 1-4, or LoRA (``A``, ``scaling * B``). Collective.
+
+    Raises:
+        MoRAConfigError: a type-6 MoRA layer (before any collective), or a model without adapters.
+    """
+    mora = dict(mora_layers(model))
+    if mora:
+        _refuse_rope({name: layer.mora_type for name, layer in mora.items()}, "peft-lora export")
+        matrices = global_matrices(model, optimizer)
+        return {name: [lora_factors(matrices[name], layer.in_features, layer.out_features, layer.mora_type)]
+                for name, layer in mora.items()}
+    lora = dict(lora_layers(model))
+    if not lora:
+        raise MoRAConfigError("peft-lora export: the model has no MoRA or LoRA layers (apply_mora / apply_lora)")
+    return {name: [(_value(layer.lora_A, optimizer), _value(layer.lora_B, optimizer) * layer.scaling)]
+            for name, layer in lora.items()}
+
+
+def _value(p: nn.Parameter, optimizer: Any) -> torch.Tensor:
+    master = _master(optimizer, p)
+    return (p if master is None else master).detach().float().cpu()
+
+
+def combine(factors: Factors) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(A, B, dense)``: the terms concatenated (``A`` rows, ``B`` columns), or, when their rank exceeds
+    ``min(d, k)``, the exact dense factorisation of ``dW = sum B_i A_i`` (computed in float64) of rank
+    ``min(d, k)``."""
+    A = torch.cat([a for a, _ in factors], dim=0)
+    B = torch.cat([b for _, b in factors], dim=1)
+    d, k = B.shape[0], A.shape[1]
+    if A.shape[0] <= min(d, k):
+        return A, B, False
+    delta = (B.double() @ A.double()).float()  # (d, k)
+    if d <= k:
+        return delta, torch.eye(d), True
+    return torch.eye(k), delta, True
+
+
+def _pad(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    missing = rank - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """PEFT ``target_modules`` for exactly ``names``: their last components when those select no other
+    ``nn.Linear`` of the model (what servers expect), else the full module names."""
+    short = sorted({name.rpartition(".")[2] for name in names})
+    chosen = set(names)
+    inner = {f"{name}.base_layer" for name in names}
+    for name, module in model.named_modules():
+        if name in chosen or name in inner or not isinstance(module, nn.Linear):
+            continue
+        if name.rpartition(".")[2] in short:
+            return sorted(names)
+    return short
+
+
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any = None,
+                   cycles: Sequence[Mapping[str, Any]] | None = None,
+                   modules_to_save: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write a standard PEFT LoRA adapter that reproduces ``model`` (or, with ``cycles``, the whole run's update
+    relative to its starting weights) exactly. Collective under TP / ZeRO: call on every rank; rank 0 writes.
+
+    Args:
+        model: a MoRA model (types 1-4) or a LoRA model (ReLoRA), adapters unmerged.
+        path: the adapter folder (replaced atomically).
+        optimizer: read the trainable tensors from this optimizer's fp32 masters (DeepSpeed bf16).
+        cycles: the merge cycles the ReMoRA / ReLoRA callback kept; the adapter then applies to the run's
+            *starting* base weights.
+        modules_to_save: fully trained modules to include (default: the MoRA config's ``modules_to_save``).
+
+    Returns:
+        ``{"rank", "bytes", "mora_bytes", "dense_modules"}``: the common rank, the tensor bytes written, the
+        bytes of our own MoRA file for the same model (``None`` for a LoRA model) and the modules written as
+        their dense factorisation.
+
+    Raises:
+        MoRAConfigError: a type-6 layer or cycle (nothing is written).
+
+    Spec: §2.5.
+    """
+    shapes = _shapes(model)
+    if cycles:
+        past = cycle_factors(cycles, shapes)  # type-6 cycles refused before any collective
+    factors = live_factors(model, optimizer)
+    if cycles:
+        factors = {name: past[name] + factors[name] for name in factors}
+    config = getattr(model, "mora_config", None)
+    names_to_save = modules_to_save if modules_to_save is not None else getattr(config, "modules_to_save", None)
+    extra = modules_to_save_state(model, names_to_save)
+    if not _is_rank0():
+        return {}
+    combined = {name: combine(terms) for name, terms in factors.items()}
+    rank = max(A.shape[0] for A, _, _ in combined.values())
+    state: dict[str, torch.Tensor] = {}
+    for name, (A, B, _) in combined.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = _pad(A, rank, 0)
+        state[f"{PREFIX}{name}.lora_B.weight"] = _pad(B, rank, 1)
+    state.update(extra)
+    values = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": _base_name(model), "inference_mode": True,
+        "r": rank, "lora_alpha": rank, "lora_dropout": _dropout(model), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "target_modules": target_modules(model, list(factors)),
+        "modules_to_save": plan_modules_to_save(model, names_to_save) or None,
+    }
+    write_adapter_dir(path, values, state)
+    mora_bytes = None
+    if config is not None:
+        mora_bytes = sum(layer.r_hat**2 * 4 for _, layer in mora_layers(model)) + _nbytes(extra)
+    report = {"rank": rank, "bytes": _nbytes(state), "mora_bytes": mora_bytes,
+              "dense_modules": sorted(name for name, (_, _, dense) in combined.items() if dense)}
+    logger.info("peft-lora adapter %s: rank %d, %.2f MB of tensors%s%s", path, rank, report["bytes"] / 1e6,
+                "" if mora_bytes is None else f" (the MoRA file: {mora_bytes / 1e6:.2f} MB, "
+                f"{report['bytes'] / mora_bytes:.1f}x)",
+                f"; {len(report['dense_modules'])} module(s) written dense (rank > min(d, k))"
+                if report["dense_modules"] else "")
+    return report
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    layers = dict(mora_layers(model)) or dict(lora_layers(model))
+    return {name: _features(layer) for name, layer in layers.items()}
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, LoRALinear):
+        return layer.base_layer.in_features, layer.base_layer.out_features
+    return layer.in_features, layer.out_features
+
+
+def _dropout(model: nn.Module) -> float:
+    config = getattr(model, "mora_config", None)
+    if config is not None:
+        return float(config.dropout)
+    rates = {float(getattr(layer.lora_dropout, "p", 0.0)) for _, layer in lora_layers(model)}
+    return rates.pop() if len(rates) == 1 else 0.0
+
+
+def save_mora_authors(model: nn.Module, path: str | os.PathLike, *, optimizer: Any = None) -> dict[str, Any]:
+    """Write the adapter as the MoRA authors' PEFT fork loads it: ``peft_type: "LORA"``, ``use_mora: true``,
+    ``mora_type``, ``r`` and each global matrix under both ``lora_A.weight`` and ``lora_B.weight``. Collective.
+
+    Raises:
+        MoRAConfigError: layers of different types, or an ``r_hat`` the fork would not recompute from one ``r``
+            (an explicit ``r_hat``); nothing is written.
+
+    Spec: §2.5.
+    """
+    config = getattr(model, "mora_config", None)
+    layers = dict(mora_layers(model))
+    if config is None or not layers:
+        raise MoRAConfigError("mora-authors export: the model has no MoRA layers (apply_mora or load_mora first)")
+    types = {layer.mora_type for layer in layers.values()}
+    if len(types) != 1:
+        raise MoRAConfigError(f"mora-authors export: the layers use types {sorted(types)}, the authors' config holds "
+                              "one mora_type; export format='mora' or 'peft-lora'")
+    mora_type = types.pop()
+    for name, layer in layers.items():
+        expected = compute_r_hat(layer.in_features, layer.out_features, config.r, mora_type)
+        if layer.r_hat != expected:
+            raise MoRAConfigError(
+                f"mora-authors export: layer {name!r} has r_hat={layer.r_hat}, but the authors' fork recomputes "
+                f"r_hat={expected} from r={config.r} (their config has no r_hat); export format='mora' or 'peft-lora'"
+            )
+    matrices = global_matrices(model, optimizer)
+    extra = modules_to_save_state(model)
+    if not _is_rank0():
+        return {}
+    state: dict[str, torch.Tensor] = {}
+    for name, M in matrices.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = M
+        state[f"{PREFIX}{name}.lora_B.weight"] = M.clone()  # one tensor under two names: safetensors wants two
+    state.update(extra)
+    values = {
+        "peft_type": "LORA", "use_mora": True, "mora_type": resolve_mora_type(mora_type), "r": config.r,
+        "lora_alpha": config.r, "lora_dropout": float(config.dropout), "bias": "none", "task_type": None,
+        "target_modules": target_modules(model, list(layers)), "inference_mode": True,
+        "modules_to_save": plan_modules_to_save(model, config.modules_to_save) or None,
+        "base_model_name_or_path": _base_name(model),
+    }
+    write_adapter_dir(path, values, state)
+    return {"bytes": _nbytes(state)}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, format: str, optimizer: Any = None) -> dict[str, Any]:
+    """``save_mora(format=...)`` for the formats of this module."""
+    if format == "peft-lora":
+        return save_peft_lora(model, path, optimizer=optimizer)
+    if format == "mora-authors":
+        return save_mora_authors(model, path, optimizer=optimizer)
+    raise MoRAConfigError(f"format={format!r} is not one of ('mora', {', '.join(map(repr, FORMATS))})")
