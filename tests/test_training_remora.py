@@ -427,8 +427,12 @@ def test_merge_with_plain_torch_optimizer_runs_once_per_step_and_refuses_early_s
     assert callbacks.on_step_end(engine) == {}
     assert cb.merged_steps == [2]
     callbacks.on_save(engine, {})
-    assert cb.state_dict() == {"merge_every": 2, "merged_steps": [2], "last_merged_step": 2, "step_in_cycle": 0,
-                               "type_cycle": [1, 2], "type_index": 1, "mora_type": 2}
+    state = cb.state_dict()
+    cycles = state.pop("cycles")
+    assert state == {"merge_every": 2, "merged_steps": [2], "last_merged_step": 2, "step_in_cycle": 0,
+                     "type_cycle": [1, 2], "type_index": 1, "mora_type": 2}
+    assert [(c["step"], c["mora_type"]) for c in cycles] == [(2, 1)]
+    assert set(cycles[0]["matrices"]) == {name for name, _ in mora_layers(model)}
 
 
 def test_load_state_dict_refuses_a_different_cadence_or_cycle():

@@ -37,6 +37,30 @@ logger = logging.getLogger(__name__)
 CLIENT_STATE_KEY = "mora_callbacks"
 
 
+def split_tensors(value: Any, tensors: dict[str, Any], path: str = "") -> Any:
+    """``value`` with every tensor replaced by ``{"__tensor__": key}`` and stored in ``tensors[key]``, so the rest
+    is JSON (the ReMoRA/ReLoRA callbacks keep each merged cycle's matrices in their state)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        tensors[path] = value.contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        return {k: split_tensors(v, tensors, f"{path}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
+    return value
+
+
+def join_tensors(value: Any, tensors: dict[str, Any]) -> Any:
+    """The inverse of :func:`split_tensors`."""
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors) for v in value]
+    return value
+
+
 class Callback:
     """Base class of training callbacks; every hook is optional.
 
@@ -171,6 +195,7 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
     """
 
     STATE_FILE = "mora_callbacks.json"
+    TENSORS_FILE = "mora_callbacks.safetensors"  # tensors of the state (kept merge cycles), beside the JSON
 
     def __init__(self, callbacks: Iterable[Callback] | CallbackList, trainer: Any = None, *,
                  resume_from: str | None = None) -> None:
@@ -195,7 +220,13 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
                 raise MoRAConfigError(f"resume_from={self.resume_from!r} has no {self.STATE_FILE}; pass a folder "
                                       "written by a Trainer run that used TrainerCallbackAdapter")
             with open(path) as f:
-                self.callbacks.load_state_dict(json.load(f))
+                saved = json.load(f)
+            tensors_path = os.path.join(self.resume_from, self.TENSORS_FILE)
+            if os.path.isfile(tensors_path):
+                from safetensors.torch import load_file
+
+                saved = join_tensors(saved, load_file(tensors_path))
+            self.callbacks.load_state_dict(saved)
         self.callbacks.on_train_begin(self._engine(state, model, optimizer, lr_scheduler))
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -210,7 +241,15 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
         prefix = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
         folder = os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
+        tensors: dict[str, Any] = {}
+        saved = split_tensors(self.callbacks.state_dict(), tensors)
+        if tensors:  # written first: the JSON, replaced last, names them
+            from safetensors.torch import save_file
+
+            tmp = os.path.join(folder, self.TENSORS_FILE + ".tmp")
+            save_file(tensors, tmp)
+            os.replace(tmp, os.path.join(folder, self.TENSORS_FILE))
         tmp = os.path.join(folder, self.STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(self.callbacks.state_dict(), f)
+            json.dump(saved, f)
         os.replace(tmp, os.path.join(folder, self.STATE_FILE))

@@ -104,6 +104,9 @@ class RestartCallback(Callback):
         self.reset_method, self.reset_ratio = parse_optimizer_reset(optimizer_reset)
         self.merged_steps: list[int] = []
         self.last_seen_step = 0
+        # Every merged cycle's update in global, fp32 form (step, type, matrices or factors), so the whole run
+        # exports as one exact LoRA relative to its starting weights (export_formats.save_peft_lora). Spec: §2.5.
+        self.cycles: list[dict[str, Any]] = []
 
     @property
     def merges(self) -> int:
@@ -124,6 +127,10 @@ class RestartCallback(Callback):
 
     def _after_merge(self, layers: Sequence[nn.Module]) -> dict[str, float]:
         return {}
+
+    def _cycle_record(self, engine: Any) -> dict[str, Any]:
+        """This cycle's update before it is merged: global, fp32 (optimizer masters), on every rank."""
+        raise NotImplementedError
 
     def _check_scheduler(self, engine: Any) -> None:
         sched = getattr(engine, "lr_scheduler", None)
@@ -167,6 +174,7 @@ class RestartCallback(Callback):
         step = int(engine.global_steps)
         layers = self._layers(engine.module)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        record = {"step": step, **self._cycle_record(engine)}
         sq_norm = 0.0
         for layer in layers:
             sq_norm += self._merge_layer(layer)
@@ -179,6 +187,7 @@ class RestartCallback(Callback):
         self._reset_moments(engine.optimizer, params, generator)
         fraction = zero_state.zeroed_fraction(engine.optimizer, params)
         self.merged_steps.append(step)
+        self.cycles.append(record)
         metrics = {
             f"{self.prefix}/merges": float(self.merges),
             f"{self.prefix}/delta_norm": math.sqrt(self._tp_sum(engine, sq_norm)),
@@ -216,6 +225,7 @@ class RestartCallback(Callback):
             "merged_steps": list(self.merged_steps),
             "last_merged_step": self.last_merged_step,
             "step_in_cycle": self.last_seen_step - self.last_merged_step,
+            "cycles": list(self.cycles),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -225,6 +235,7 @@ class RestartCallback(Callback):
                 f"{state['merge_every']}; resume with the same value (the schedule and merges are aligned to it)"
             )
         self.merged_steps = [int(s) for s in state["merged_steps"]]
+        self.cycles = list(state.get("cycles", []))  # absent in checkpoints written before cycles were kept
         self.last_seen_step = self.last_merged_step + int(state["step_in_cycle"])
 
 
@@ -303,6 +314,11 @@ class ReMoRACallback(RestartCallback):
             # function; M itself is zeroed in every copy by zero_state afterwards.
             return layer.merge(reinit=False).delta_sq
 
+    def _cycle_record(self, engine: Any) -> dict[str, Any]:
+        matrices = {name: layer.get_global_M(zero_state.get_full(engine.optimizer, layer.mora_M)).float().cpu()
+                    for name, layer in mora_layers(engine.module)}
+        return {"mora_type": self.current_type, "matrices": matrices}
+
     def _reinit_values(self, layer: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
         M = layer.mora_M
         return {"mora_M": torch.zeros(tuple(getattr(M, "ds_shape", M.shape)))}
@@ -365,6 +381,12 @@ class ReLoRACallback(RestartCallback):
         weight = layer.base_layer.weight
         with zero_state.gathered([weight, layer.lora_A, layer.lora_B], modifier_rank=0):
             return layer.merge(reinit=False).delta_sq
+
+    def _cycle_record(self, engine: Any) -> dict[str, Any]:
+        factors = {name: (zero_state.get_full(engine.optimizer, layer.lora_A).float().cpu(),
+                          zero_state.get_full(engine.optimizer, layer.lora_B).float().cpu())
+                   for name, layer in lora_layers(engine.module)}
+        return {"scaling": float(next(iter(self._layers(engine.module))).scaling), "factors": factors}
 
     def _reinit_values(self, layer: LoRALinear, generator: torch.Generator) -> dict[str, torch.Tensor]:
         A, B = layer.lora_A, layer.lora_B
