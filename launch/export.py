@@ -6,9 +6,13 @@ Commands::
                                                                                           # AutoModelForCausalLM
     python launch/export.py --run runs/remora_tiny --out exported/adapter --adapter-only  # save_mora, keep the base
     python launch/export.py --run runs/remora_tiny_megatron_tp2 --out exported/tp2        # TP shards -> HF Llama
+    python launch/export.py --run runs/remora_tiny --out exported/lora --adapter-only --format peft-lora \
+        --since-start             # the whole ReMoRA/ReLoRA run as one PEFT LoRA over the starting weights
 
-``--tag step_0000120`` picks a checkpoint other than ``latest``. The tokenizer of the run is saved alongside.
-Spec: §2.4, §4.
+``--tag step_0000120`` picks a checkpoint other than ``latest``. ``--format`` (with ``--adapter-only``): ``mora``
+(our files, default), ``peft-lora`` (a standard PEFT LoRA, exact for types 1-4 and LoRA) or ``mora-authors``
+(the MoRA authors' PEFT fork). The tokenizer of the run is saved alongside.
+Spec: §2.4, §2.5, §4.
 """
 
 from __future__ import annotations
@@ -40,30 +44,77 @@ def merge_adapters(model):
     return model
 
 
-def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool = False) -> Path:
+FORMATS = ("mora", "peft-lora", "mora-authors")
+
+
+def _check_format(cfg, run_dir: str, adapter_only: bool, fmt: str, since_start: bool) -> None:
+    """Refuse a combination the export cannot write, before anything is loaded."""
+    if fmt not in FORMATS:
+        raise MoRAConfigError(f"--format {fmt!r} is not one of {FORMATS}")
+    if (fmt != "mora" or since_start) and not adapter_only:
+        raise MoRAConfigError("--format and --since-start describe the adapter: add --adapter-only")
+    if since_start and fmt != "peft-lora":
+        raise MoRAConfigError(f"--since-start writes a PEFT LoRA: use --format peft-lora (got {fmt!r})")
+    if not adapter_only:
+        return
+    if cfg.mora is None and not (fmt == "peft-lora" and cfg.lora is not None):
+        raise MoRAConfigError(f"--adapter-only --format {fmt}: run {run_dir!r} trained method={cfg.method!r}, "
+                              "which has no such adapter; export the merged model instead")
+    if fmt != "mora" and cfg.model.backend == "megatron":
+        raise MoRAConfigError(f"--format {fmt} on backend 'megatron': the adapter would be keyed by Megatron's fused "
+                              "module names (linear_qkv, linear_fc1), which Hugging Face models do not have; export "
+                              "the merged Hugging Face model (no --adapter-only) or --format mora")
+
+
+def _kept_cycles(run_dir: str, tag: str | None, cfg) -> list:
+    """The merge cycles the ReMoRA / ReLoRA callback kept in checkpoint ``tag`` (``[]`` without restarts)."""
+    from mora_dist.run.checkpoint import read_model_states
+    from mora_dist.training.callbacks import CLIENT_STATE_KEY
+
+    if cfg.remora is None and cfg.relora is None:
+        return []
+    for key, state in read_model_states(run_dir, tag).get(CLIENT_STATE_KEY, {}).items():
+        if key.endswith((":ReMoRACallback", ":ReLoRACallback")):
+            cycles = state.get("cycles", [])
+            if len(cycles) != len(state["merged_steps"]):
+                raise MoRAConfigError(
+                    f"--since-start: checkpoint {tag or 'latest'} of {run_dir!r} records {len(state['merged_steps'])} "
+                    f"merges but kept {len(cycles)} cycles (written before cycles were kept); export the merged model"
+                )
+            return cycles
+    raise MoRAConfigError(f"--since-start: checkpoint {tag or 'latest'} of {run_dir!r} holds no ReMoRA/ReLoRA state")
+
+
+def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool = False, fmt: str = "mora",
+           since_start: bool = False) -> Path:
     """Write the export of ``run_dir`` to ``out``; returns ``out``."""
     from mora_dist.data import load_tokenizer
     from mora_dist.run.checkpoint import load_hf_run_model, read_run_config
 
     cfg = read_run_config(run_dir)
     out_path = Path(out)
-    if adapter_only and cfg.mora is None:
-        raise MoRAConfigError(f"--adapter-only: run {run_dir!r} trained method={cfg.method!r}, which has no MoRA "
-                              "adapter; export the merged model instead")
+    _check_format(cfg, run_dir, adapter_only, fmt, since_start)
     if cfg.model.backend == "megatron":
         from mora_dist.run.megatron import export_megatron_run
 
         model = export_megatron_run(run_dir, tag=tag, adapter_only=adapter_only)
     else:
         _, model = load_hf_run_model(run_dir, tag)
-    if adapter_only:
+    if adapter_only and fmt == "peft-lora":
+        from mora_dist.export_formats import save_peft_lora
+
+        cycles = _kept_cycles(run_dir, tag, cfg) if since_start else None
+        modules_to_save = cfg.mora.modules_to_save if cfg.mora is not None else cfg.lora.modules_to_save
+        save_peft_lora(model, out_path, cycles=cycles, modules_to_save=modules_to_save)
+    elif adapter_only:
         from mora_dist.adapter_io import save_mora
 
         if cfg.remora is not None:
             logger.warning("--adapter-only on a ReMoRA run: earlier merges live in the base weights of this run's "
-                           "checkpoint, not in the adapter; apply it to that base, or export the merged model")
+                           "checkpoint, not in the adapter; apply it to that base, export the merged model, or "
+                           "--format peft-lora --since-start for the whole run over the starting weights")
 
-        save_mora(model, out_path)
+        save_mora(model, out_path, format=fmt)
     else:
         merge_adapters(model).save_pretrained(str(out_path))
     load_tokenizer(Path(run_dir) / "tokenizer").save_pretrained(str(out_path))
@@ -77,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--adapter-only", action="store_true", help="write the MoRA adapter (save_mora) only")
+    p.add_argument("--format", default="mora", choices=FORMATS, help="adapter format (with --adapter-only)")
+    p.add_argument("--since-start", action="store_true",
+                   help="peft-lora of the whole run (kept merge cycles + live adapter) over the starting weights")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     try:
-        export(args.run, args.out, tag=args.tag, adapter_only=args.adapter_only)
+        export(args.run, args.out, tag=args.tag, adapter_only=args.adapter_only, fmt=args.format,
+               since_start=args.since_start)
     except (MoRAConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -56,6 +56,27 @@ def test_tiny_remora_run_learns_merges_and_exports_a_plain_transformers_model(ti
     print(f"tiny run (80 steps, 2 ranks) took {seconds:.1f}s")
 
 
+def test_remora_run_exports_as_one_peft_lora_over_the_starting_weights(tiny_run, tmp_path):
+    """``--adapter-only --format peft-lora --since-start`` at step 70 (cycles of types 1 -> 2 -> 1 merged, a live
+    type-2 adapter) on the run's starting weights gives the checkpoint's logits. Catches cycles not kept in the
+    checkpoint, kept from the wrong copy of M, or exported with the wrong type. Spec: §2.5."""
+    import peft
+
+    from mora_dist.data import load_tokenizer
+    from mora_dist.model import unload
+    from mora_dist.run.build import build_hf_model
+
+    out, _ = tiny_run
+    export_in_process("--run", str(out), "--out", str(tmp_path / "lora"), "--tag", "step_0000070",
+                      "--adapter-only", "--format", "peft-lora", "--since-start")
+    cfg, model = load_hf_run_model(out, "step_0000070")
+    eos = load_tokenizer(out / "tokenizer").eos_token_id
+    start = unload(build_hf_model(cfg, cfg.model.vocab_size, eos), merge=False).eval()
+    served = peft.PeftModel.from_pretrained(start, str(tmp_path / "lora")).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
+    torch.testing.assert_close(_logits(served, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
 def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
     """Catches a resume that repeats or skips samples, loses or repeats a merge, restarts the schedule, or is
     broken by a checkpoint half-written when the process group was killed (SIGKILL, no clean-up)."""
