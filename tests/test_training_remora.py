@@ -108,6 +108,7 @@ def _merge_case(stage, bf16, persistence, rank):
     _train_step(engine, 4, rank)
     before = _logits(engine)
     out["M_old_max"] = float(zero_state.get_full(engine.optimizer, M).abs().max())
+    out.update(_export_from_master(engine, layer, rank))
     with zero_state.gathered([M, W]):
         expected_W = (W.float() + layer.delta_weight().float()).to(W.dtype).float()
     metrics = callbacks.on_step_end(engine)
@@ -130,6 +131,37 @@ def _merge_case(stage, bf16, persistence, rank):
         _train_step(engine, step, rank)
         callbacks.on_step_end(engine)
     out["W_persist_err"] = float((_module_value(W) - merged_W).abs().max())
+    out["cycle_err"] = float((cb.cycles[0]["matrices"][_first_name(engine)] - out.pop("master")).abs().max())
+    return out
+
+
+def _first_name(engine):
+    from mora_dist.model import mora_layers
+
+    return next(iter(mora_layers(engine.module)))[0]
+
+
+def _export_from_master(engine, layer, rank):
+    """``save_mora(format="peft-lora", optimizer=...)`` writes ``B = D M`` from the fp32 master (spec §2.5)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from mora_dist import save_mora
+    from mora_dist.operators import lora_factors
+    from mora_dist.training import zero_state
+
+    master = zero_state.get_full(engine.optimizer, layer.mora_M)
+    folder = tempfile.mkdtemp()
+    save_mora(engine.module, f"{folder}/lora", format="peft-lora", optimizer=engine.optimizer)
+    out = {"master": master, "master_vs_module": float((master - _module_value(layer.mora_M)).abs().max())}
+    if rank == 0:
+        key = f"base_model.model.{_first_name(engine)}.lora_B.weight"
+        B = load_file(f"{folder}/lora/adapter_model.safetensors")[key][:, : layer.r_hat]
+        expected = lora_factors(master, layer.in_features, layer.out_features, layer.mora_type)[1]
+        out["export_err"] = float((B - expected).abs().max())
+    shutil.rmtree(folder)
     return out
 
 
@@ -158,6 +190,9 @@ def _check_merge_results(results):
             assert 0 < r["M_step_max"] <= LR * 1.001, (name, r["M_step_max"])
             assert r["M_step_module_max"] <= LR * 1.01, (name, r)
             assert r["W_persist_err"] == 0.0, (name, r["W_persist_err"])
+            # The kept cycle and the PEFT export read the fp32 master, which differs from a bf16 module copy.
+            assert r["cycle_err"] == 0.0 and r.get("export_err", 0.0) == 0.0, (name, r)
+            assert (r["master_vs_module"] > 0) == bf16, (name, r["master_vs_module"])
 
 
 def test_merge_resets_every_copy_fp32_all_zero_stages():
