@@ -99,9 +99,11 @@ def test_unknown_format_names_the_choices(tmp_path):
 
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_mora_authors_format_round_trips_through_load_mora(tmp_path, token_ids, mora_type):
-    """Catches a matrix under only one of the authors' two key names, a missing use_mora/mora_type, or an r the
-    authors' fork would turn into another r_hat."""
-    base, model = _adapted("llama", mora_type, r=4)
+    """Catches a matrix under only one of the authors' two key names, a missing use_mora/mora_type, an r the
+    authors' fork would turn into another r_hat, or a trained lm_head left out."""
+    base, model = _adapted("llama", mora_type, r=4, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)
     save_mora(model, tmp_path / "authors", format="mora-authors")
     config = json.loads((tmp_path / "authors" / "adapter_config.json").read_text())
     assert {k: config[k] for k in ("peft_type", "use_mora", "mora_type", "r")} == {
