@@ -77,6 +77,33 @@ def test_remora_run_exports_as_one_peft_lora_over_the_starting_weights(tiny_run,
     torch.testing.assert_close(_logits(served, ids), _logits(model, ids), atol=1e-5, rtol=0)
 
 
+def test_relora_run_exports_as_one_peft_lora_over_the_starting_weights(tmp_path):
+    """A 1-rank ReLoRA run (merges at 4 and 8, alpha / r = 2) exported at step 10 with ``--since-start``: the
+    ReLoRA path of the CLI (cycles read from the ReLoRACallback state, LoRA modules_to_save). Spec: §2.5."""
+    import peft
+
+    from mora_dist.data import load_tokenizer
+    from mora_dist.lora import lora_layers
+    from mora_dist.run.build import build_hf_model
+
+    out = tmp_path / "run"
+    lora = '{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"], "modules_to_save": ["lm_head"]}'
+    run(1, TINY, ["mora=null", "remora=null", f"lora={lora}", 'relora={"merge_every": 4}', "training.max_steps=12",
+                  "training.eval_interval=12", "training.save_interval=10", "training.global_batch_size=8",
+                  "scheduler.warmup_steps=2", "scheduler.restart_warmup_steps=1", f"training.output_dir={out}"])
+    export_in_process("--run", str(out), "--out", str(tmp_path / "lora"), "--tag", "step_0000010",
+                      "--adapter-only", "--format", "peft-lora", "--since-start")
+    cfg, model = load_hf_run_model(out, "step_0000010")
+    start = build_hf_model(cfg, cfg.model.vocab_size, load_tokenizer(out / "tokenizer").eos_token_id)
+    for name, layer in list(lora_layers(start)):  # the plain starting model
+        parent, _, child = name.rpartition(".")
+        setattr(start.get_submodule(parent), child, layer.base_layer)
+    served = peft.PeftModel.from_pretrained(start.eval(), str(tmp_path / "lora")).eval()
+    assert served.peft_config["default"].r == 12  # two merged cycles and the live adapter, rank 4 each
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
+    torch.testing.assert_close(_logits(served, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
 def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
     """Catches a resume that repeats or skips samples, loses or repeats a merge, restarts the schedule, or is
     broken by a checkpoint half-written when the process group was killed (SIGKILL, no clean-up)."""
