@@ -81,6 +81,12 @@ class MoRAConfig:
             group: ``"backward"`` in every backward pass (works with any loop: DeepSpeed, Megatron DDP, plain
             torch; once per micro-batch under gradient accumulation) or ``"step"`` once per optimizer step, by
             :func:`mora_dist.parallel.finalize_model_grads` (Megatron loops). Spec: §4.
+        merge_compensation: make merges into a bf16/fp16 base lose nothing: each layer keeps what the base
+            dtype rounds away at a merge (``mora_base_residual``, the shape of the base weight shard, bf16 for a
+            bf16 base, fp32 for fp16) and folds it into the next merge, so ``W + residual`` is the fp32 sum of all
+            updates and ``W`` the nearest bf16 to it. Memory: 2 bytes per adapted base weight entry (bf16), not
+            partitioned by ZeRO-3. Never allocated for an fp32 base. ``False``: merges round (updates below half
+            a bf16 step of ``W``, about 0.2 % of ``|W|``, vanish). Spec: §2.4.
 
     Spec: §2, §2.3.
     """
@@ -95,6 +101,7 @@ class MoRAConfig:
     modules_to_save: list[str] | None = None
     tensor_parallel_sharding: str = "auto"
     tensor_parallel_grad_sync: str = "backward"
+    merge_compensation: bool = True
     # Kept so adapter_config.json reads like PEFT's; MoRA has no scaling (spec §2), so it is never used.
     lora_alpha: float | None = field(default=None, repr=False)
 
@@ -134,6 +141,8 @@ class MoRAConfig:
                 "replicated M's gradient in every backward) or 'step' (once per optimizer step, in "
                 "mora_dist.parallel.finalize_model_grads)"
             )
+        if not isinstance(self.merge_compensation, bool):
+            raise MoRAConfigError(f"merge_compensation={self.merge_compensation!r} must be true or false")
         if self.tensor_parallel_sharding not in ("auto", "replicate", "shard"):
             raise MoRAConfigError(
                 f"tensor_parallel_sharding={self.tensor_parallel_sharding!r}: use 'auto', 'replicate' or 'shard'"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mora_dist.config import resolve_dtype, resolve_mora_type
-from mora_dist.merge import FoldNorms, fold_delta
+from mora_dist.merge import RESIDUAL, FoldNorms, fold_layer, match_residual_to_state, new_residual
 from mora_dist.operators import MoRAOperator, check_r_hat, compute_r_hat
 
 logger = logging.getLogger(__name__)
@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 class MoRALayerMixin:
     """What every MoRA wrapper (HF linear, Megatron column/row) shares: the matrix, the operator, merging.
 
-    Subclasses set ``self.base_layer``, ``self.operator`` and ``self.mora_M`` (the local part of ``M``), and
-    implement ``_base_weight_shard()``, the frozen weight this rank adds its ``dW`` shard to.
+    Subclasses set ``self.base_layer``, ``self.operator`` and ``self.mora_M`` (the local part of ``M``), call
+    :meth:`_init_merge_compensation`, and implement ``_base_weight_shard()``, the frozen weight this rank adds
+    its ``dW`` shard to.
     """
 
     base_layer: nn.Module
@@ -42,18 +43,28 @@ class MoRALayerMixin:
         when ``inplace`` (pass it only for a fresh base output that nothing else reads)."""
         return self.operator.forward(self.mora_dropout(x), self.mora_M, y, inplace=inplace)
 
-    def delta_weight(self) -> torch.Tensor:
-        """This rank's ``dW: (d_local, k_local)`` in fp32 (or the matrix's dtype if wider). Spec: §2.4."""
-        return self.operator.delta_weight(self.mora_M)
+    def delta_weight(self, M: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's ``dW: (d_local, k_local)`` in fp32 (or the matrix's dtype if wider) from ``M`` (default:
+        the module's ``mora_M``; its shape). Spec: §2.4."""
+        return self.operator.delta_weight(self.mora_M if M is None else M)
 
     @torch.no_grad()
-    def merge(self, reinit: bool = True) -> FoldNorms:
-        """``W += dW`` through :func:`mora_dist.merge.fold_delta`; zero ``M`` if ``reinit``. Local only: no
-        communication. Returns the fold's squared norms."""
-        norms = fold_delta(self._base_weight_shard(), self.delta_weight())
+    def merge(self, reinit: bool = True, *, M: torch.Tensor | None = None) -> FoldNorms:
+        """``W += dW(M)`` through :func:`mora_dist.merge.fold_layer` (compensated in a bf16/fp16 base); zero
+        ``M`` if ``reinit``. ``M``: this rank's matrix to merge (default ``mora_M``; ReMoRA passes the fp32
+        optimizer master). Local only: no communication. Returns the fold's squared norms. Spec: §2.4."""
+        norms = fold_layer(self, self.delta_weight(M))
         if reinit:
             self.mora_M.zero_()
         return norms
+
+    def _init_merge_compensation(self, enabled: bool) -> None:
+        """Register ``mora_base_residual`` (see :func:`mora_dist.merge.fold_delta`): allocated now for a bf16 or
+        fp16 base, at the first merge for one cast later (DeepSpeed casts parameters, not buffers)."""
+        self.merge_compensation = bool(enabled)
+        weight = self._base_weight_shard()
+        self.register_buffer(RESIDUAL, new_residual(weight) if enabled else None)
+        self.register_load_state_dict_pre_hook(match_residual_to_state)
 
     def get_global_M(self, local: torch.Tensor | None = None) -> torch.Tensor:
         """The global ``(r_hat, r_hat)`` matrix (tensor-parallel layers gather their shards). ``local``: this
@@ -99,6 +110,8 @@ class MoRALinear(MoRALayerMixin, nn.Module):
         r_hat: side of the square matrix, instead of ``r``.
         dropout: dropout on ``x`` before compression.
         mora_dtype: dtype of ``M`` and of the adapter arithmetic.
+        merge_compensation: keep what a bf16/fp16 base rounds away at a merge in ``mora_base_residual``
+            (``(d, k)``, bf16 for a bf16 base) and fold it into the next merge. Spec: §2.4.
 
     Spec: §2.
     """
@@ -112,6 +125,7 @@ class MoRALinear(MoRALayerMixin, nn.Module):
         dropout: float = 0.0,
         *,
         mora_dtype: torch.dtype | str = torch.float32,
+        merge_compensation: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -128,6 +142,7 @@ class MoRALinear(MoRALayerMixin, nn.Module):
         device = base_layer.weight.device
         self.mora_M = nn.Parameter(torch.zeros(r_hat, r_hat, dtype=resolve_dtype(mora_dtype), device=device))
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init_merge_compensation(merge_compensation)
         self.train(base_layer.training)  # a wrapper made for an eval-mode model must not start dropping out
 
     def _make_operator(self, mora_type: int, r_hat: int | None = None) -> MoRAOperator:

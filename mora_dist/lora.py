@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from mora_dist.merge import FoldNorms, fold_delta
+from mora_dist.merge import RESIDUAL, FoldNorms, fold_layer, match_residual_to_state, new_residual
 from mora_dist.targeting import plan_modules_to_save, plan_targets
 
 
@@ -19,7 +19,7 @@ class LoRALinear(nn.Module):
     """``y = x (W + (alpha/r) B A)^T + b`` around a frozen ``nn.Linear``. ``x: (..., k)``. Spec: §3.1."""
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float | None = None, dropout: float = 0.0,
-                 *, lora_dtype: torch.dtype = torch.float32) -> None:
+                 *, lora_dtype: torch.dtype = torch.float32, merge_compensation: bool = True) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"r={r} must be a positive integer")
@@ -30,6 +30,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=lora_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=lora_dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merge_compensation = merge_compensation  # as MoRALinear's (spec §2.4): bf16 merges lose nothing
+        self.register_buffer(RESIDUAL, new_residual(base_layer.weight) if merge_compensation else None)
+        self.register_load_state_dict_pre_hook(match_residual_to_state)
         self.train(base_layer.training)
         self.reset_lora_parameters()
 
@@ -43,10 +46,15 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def delta_weight(self) -> torch.Tensor:
-        """``(alpha/r) B A: (d, k)`` in at least fp32."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+    def _base_weight_shard(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta_weight(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> torch.Tensor:
+        """``(alpha/r) B A: (d, k)`` in at least fp32 (default ``A``, ``B``: the module's)."""
+        A = self.lora_A if A is None else A
+        B = self.lora_B if B is None else B
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return self.scaling * (B.to(dtype) @ A.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -54,9 +62,11 @@ class LoRALinear(nn.Module):
         return y + (self.scaling * h).to(y.dtype)
 
     @torch.no_grad()
-    def merge(self, reinit: bool = True) -> FoldNorms:
-        """``W += (alpha/r) B A`` through :func:`mora_dist.merge.fold_delta`; new ``A``, ``B = 0`` if ``reinit``."""
-        norms = fold_delta(self.base_layer.weight, self.delta_weight())
+    def merge(self, reinit: bool = True, *, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> FoldNorms:
+        """``W += (alpha/r) B A`` through :func:`mora_dist.merge.fold_layer` (compensated in a bf16/fp16 base);
+        new ``A``, ``B = 0`` if ``reinit``. ``A``, ``B``: the factors to merge (default the module's; ReLoRA passes
+        the fp32 optimizer masters)."""
+        norms = fold_layer(self, self.delta_weight(A, B))
         if reinit:
             self.reset_lora_parameters()
         return norms
@@ -69,16 +79,17 @@ def lora_rank_for_budget(in_features: int, out_features: int, r_hat: int) -> int
 
 def apply_lora(model: nn.Module, target_modules: list[str] | str, r: int = 8, lora_alpha: float | None = None,
                dropout: float = 0.0, exclude_modules: list[str] | str | None = None,
-               modules_to_save: list[str] | None = None) -> nn.Module:
+               modules_to_save: list[str] | None = None, *, merge_compensation: bool = True) -> nn.Module:
     """Wrap targeted ``nn.Linear`` layers with ``LoRALinear`` in place; freeze all but adapters and
-    ``modules_to_save``."""
+    ``modules_to_save``. ``merge_compensation``: see :class:`mora_dist.MoRAConfig`."""
     targets = plan_targets(model, target_modules, exclude_modules, lambda m: type(m) is nn.Linear)
     to_save = plan_modules_to_save(model, modules_to_save)
     model.requires_grad_(False)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r=r, lora_alpha=lora_alpha, dropout=dropout))
+        setattr(parent, child, LoRALinear(getattr(parent, child), r=r, lora_alpha=lora_alpha, dropout=dropout,
+                                          merge_compensation=merge_compensation))
     for name in to_save:
         model.get_submodule(name).requires_grad_(True)
     return model

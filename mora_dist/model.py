@@ -60,7 +60,8 @@ def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: s
 def _wrap(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> nn.Module:
     if isinstance(module, nn.Linear):
         return MoRALinear(
-            module, mora_type=config.mora_type, r_hat=r_hat, dropout=config.dropout, mora_dtype=config.torch_dtype
+            module, mora_type=config.mora_type, r_hat=r_hat, dropout=config.dropout, mora_dtype=config.torch_dtype,
+            merge_compensation=config.merge_compensation,
         )
     from mora_dist.parallel.layers import wrap_megatron_linear
 

@@ -13,7 +13,10 @@ import torch
 from distributed import run_workers
 from parallel_setup import close_megatron, init_megatron, init_normal, portable, restore
 
+from mora_dist.merge import RESIDUAL
+
 S, B = 8, 2
+MERGE_SCALES = (1e-3, 2e-3)  # M scales of two merges into a bf16 base: updates of about one bf16 step
 TYPES = (1, 2, 3, 4, 6)
 
 
@@ -145,6 +148,12 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
             M_back=layer.get_global_M(),
             W=layer.base_layer.weight.detach().clone(),
         )
+        with torch.no_grad():  # two compensated merges into the base cast to bf16 (as DeepSpeed casts it)
+            layer.base_layer.weight.data = layer.base_layer.weight.data.bfloat16()
+            for scale in MERGE_SCALES:
+                layer.set_global_M(M * scale)
+                layer.merge()
+        out[case["id"]]["W_eff"] = layer.base_layer.weight.double() + getattr(layer, RESIDUAL).double()
     errors = {}
     for name, kwargs in _ERROR_CASES.items():
         try:
@@ -226,9 +235,9 @@ def _assemble(case: dict, ranks: list[dict], key: str) -> torch.Tensor:
         for r, part in zip(ranks, parts):
             full.index_copy_(m_dim, r[case["id"]]["m_ids"], part)
         return full
-    if key in ("dW", "W"):
+    if key in ("dW", "W", "W_eff"):
         if column:
-            full = torch.empty(case["d"], case["k"])
+            full = torch.empty(case["d"], case["k"], dtype=parts[0].dtype)
             for t, part in enumerate(parts):
                 full[_rows(case["d"], tp, t, case["stride"])] = part
             return full
@@ -240,6 +249,17 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Equal to 1e-6 of the tensor's scale (fp32 sums in another order differ by a few ulp)."""
     scale = max(1.0, expected.abs().max().item())
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6 * scale, msg=what)
+
+
+def _close_effective(actual: torch.Tensor, expected: torch.Tensor, W0: torch.Tensor) -> None:
+    """bf16 base + residual within 2 % of a bf16 step of ``expected`` or ``W0`` (whichever is larger: where the
+    update cancels ``W0`` the stored values passed through ``W0``'s scale; the residual itself is bf16). Without
+    the residual the error is up to half a step per merge."""
+    scale = torch.maximum(expected.abs(), W0.double().abs()).clamp_min(1e-30)
+    _, exponent = torch.frexp(scale)
+    step = torch.ldexp(torch.ones_like(expected), exponent - 8)
+    worst = float(((actual - expected).abs() / step).max())
+    assert worst <= 0.02, f"effective weight off by {worst:.3f} bf16 steps"
 
 
 def _replicated(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -258,6 +278,10 @@ def test_tp1_layer_matches_dense_oracle(case):
     torch.testing.assert_close(r["dW"], dW, rtol=1e-5, atol=1e-5)
     bias = torch.randn(case["d"], generator=torch.Generator().manual_seed(case["seed"] + 7))
     torch.testing.assert_close(r["y"], X @ (r["W"] + dW).T + bias, rtol=1e-5, atol=1e-5)
+    # bf16 base + residual after the merges: the float64 sum of the updates, far inside a bf16 step
+    dense = reference.dense_delta(M, case["k"], case["d"], case["type"]).double()
+    W_eff = r["W"].bfloat16().double() + sum(MERGE_SCALES) * dense
+    _close_effective(r["W_eff"], W_eff, r["W"])
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -273,6 +297,7 @@ def test_tp_n_equals_tp1(case, tp):
     ref, ranks = _results(1)[0][case["id"]], _results(tp)
     for key in ("y", "dx", "gM", "dW", "W"):
         _close(_assemble(case, ranks, key), ref[key], key)
+    _close_effective(_assemble(case, ranks, "W_eff"), ref["W_eff"], ref["W"])
     for r in ranks:
         torch.testing.assert_close(r[case["id"]]["M_back"], _data(case)[0], rtol=0, atol=0)
 

@@ -95,6 +95,7 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         sharding: str = "auto",
         grad_sync: str = "backward",
         fuse_with_base_comm: bool = True,
+        merge_compensation: bool = True,
     ) -> None:
         super().__init__()
         _check_base(base_layer, name, fuse_with_base_comm)
@@ -121,6 +122,7 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
             # summed over TP once per optimizer step by mora_dist.parallel.finalize_model_grads
             self.mora_M.mora_tp_sum_group = self.tp_group
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init_merge_compensation(merge_compensation)  # the residual is this rank's shard, like the weight
         self.register_state_dict_post_hook(_flatten_base_keys)
         self.register_load_state_dict_pre_hook(_nest_base_keys)
         logger.debug("%s: r_hat=%d, M %s (%s)", name, r_hat, tuple(self.mora_M.shape), self.plan.reason or "sharded")
@@ -418,4 +420,5 @@ def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat
         sharding=config.tensor_parallel_sharding,
         grad_sync=config.tensor_parallel_grad_sync,
         fuse_with_base_comm=cls.fuse_with_base_comm,
+        merge_compensation=config.merge_compensation,
     )

@@ -189,7 +189,8 @@ def apply_adapters(cfg: RunConfig, model: nn.Module) -> nn.Module:
 
         lo = cfg.lora
         apply_lora(model, lo.target_modules, r=lo.r, lora_alpha=lo.lora_alpha, dropout=lo.dropout,
-                   exclude_modules=lo.exclude_modules, modules_to_save=lo.modules_to_save)
+                   exclude_modules=lo.exclude_modules, modules_to_save=lo.modules_to_save,
+                   merge_compensation=lo.merge_compensation)
     return model
 
 

@@ -72,6 +72,7 @@ class LoRASection(_Section):
     target_modules: list[str] | str
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    merge_compensation: bool = True  # as MoRAConfig.merge_compensation: bf16 merges lose nothing
 
 
 class RestartSection(_Section):
