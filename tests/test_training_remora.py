@@ -7,6 +7,7 @@ import torch
 from distributed import patch_deepspeed_for_cpu, run_workers
 
 from mora_dist.errors import MoRAConfigError
+from mora_dist.merge import RESIDUAL
 from mora_dist.training.remora import (
     ReLoRACallback,
     ReMoRACallback,
@@ -107,11 +108,22 @@ def _merge_case(stage, bf16, persistence, rank):
         assert not callbacks.on_step_end(engine)
     _train_step(engine, 4, rank)
     before = _logits(engine)
-    out["M_old_max"] = float(zero_state.get_full(engine.optimizer, M).abs().max())
+    master = zero_state.get_full(engine.optimizer, M)
+    module_M = _module_value(M)
+    out["M_old_max"] = float(master.abs().max())
     out.update(_export_from_master(engine, layer, rank))
-    with zero_state.gathered([M, W]):
-        expected_W = (W.float() + layer.delta_weight().float()).to(W.dtype).float()
+    out["M_module_vs_master"] = float((module_M - master).abs().max())  # > 0 in bf16: the copies differ
+    out["M_module_dtype"] = str(M.dtype)  # DeepSpeed casts every parameter: bf16 despite mora_dtype=float32
+    W_before = _module_value(W).double()
+    expected_W = (W_before.float() + layer.delta_weight(master).float()).to(W.dtype).float()
+    exact = {"master": W_before + layer.delta_weight(master).double(),
+             "module": W_before + layer.delta_weight(module_M).double()}
     metrics = callbacks.on_step_end(engine)
+    residual = getattr(layer, RESIDUAL)
+    out["residual_dtype"] = None if residual is None else str(residual.dtype)
+    effective = _module_value(W).double() + (0.0 if residual is None else residual.double())
+    for source, value in exact.items():  # W + residual is the fp32 sum of the update from the master
+        out[f"effective_err_{source}"] = float((effective - value).abs().max())
     after = _logits(engine)
     out["metrics"] = metrics
     out["out_diff"] = float((after - before).abs().max())
@@ -185,6 +197,14 @@ def _check_merge_results(results):
             assert set(r["moment_keys"]) >= {"exp_avg", "exp_avg_sq"} and r["moments_max"] == 0.0, (name, r)
             assert r["type_after"] == 2, name
             assert r["W_merge_err"] == 0.0, (name, r["W_merge_err"])
+            if bf16:  # the merge read the fp32 master, not the bf16 module copy, and kept the residual
+                assert r["M_module_vs_master"] > 0, (name, r)
+                assert r["M_module_dtype"] == "torch.bfloat16", (name, r)  # what the README says holds
+                assert r["residual_dtype"] == "torch.bfloat16", (name, r)
+                assert r["effective_err_master"] <= 0.01 * r["effective_err_module"], (name, r)
+                assert 0 < m["remora/merge_residual"] < 1, (name, m)
+            else:
+                assert r["residual_dtype"] is None and m["remora/merge_residual"] == 0.0, (name, r, m)
             # One AdamW step from zero moments moves each entry by at most lr; the old M was several steps big.
             assert r["M_old_max"] > 1.5 * LR, (name, r["M_old_max"])
             assert 0 < r["M_step_max"] <= LR * 1.001, (name, r["M_step_max"])
@@ -207,7 +227,9 @@ def test_merge_resets_every_copy_fp32_all_zero_stages():
 
 def test_merge_resets_every_copy_bf16_all_zero_stages():
     """The same in bf16, where the module copy is bf16 and the fp32 master lives in DeepSpeed's flat buffers
-    (FP16 unfused optimizer at stage 0, ZeRO 1-3); the output after the merge matches within bf16 rounding of W."""
+    (FP16 unfused optimizer at stage 0, ZeRO 1-3); the output after the merge matches within bf16 rounding of W.
+    Also catches a merge that reads the bf16 module copy of M instead of the fp32 master (W + residual would
+    then hold the module copy's dW) and one that drops what bf16 cannot hold (``remora/merge_residual``)."""
     cases = [(0, True, None), (1, True, None), (2, True, None), (3, True, 0)]
     _check_merge_results(run_workers(_merge_matrix_worker, 2, cases))
 

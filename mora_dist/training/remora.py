@@ -34,6 +34,7 @@ from torch import nn
 from mora_dist.config import resolve_mora_type
 from mora_dist.errors import MoRAConfigError, MoRAError
 from mora_dist.lora import LoRALinear, lora_layers
+from mora_dist.merge import FoldNorms
 from mora_dist.model import mora_layers
 from mora_dist.training import zero_state
 from mora_dist.training.callbacks import Callback
@@ -84,8 +85,9 @@ def prune_moment(value: torch.Tensor, method: str, ratio: float, generator: torc
 class RestartCallback(Callback):
     """What ReMoRA and ReLoRA share: when to merge, optimizer-state reset, scheduler alignment, state, metrics.
 
-    Subclasses implement ``_layers``, ``_merge_layer`` (``W += dW`` of one layer, returns ``||dW||_F^2`` of this
-    rank's shard) and ``_reinit_values`` (new values of the layer's trainable tensors).
+    Subclasses implement ``_layers``, ``_merge_layer`` (``W += dW`` of one layer from the optimizer's fp32
+    masters, returns the fold's squared norms of this rank's shard) and ``_reinit_values`` (new values of the
+    layer's trainable tensors).
     """
 
     prefix = "restart"
@@ -119,7 +121,7 @@ class RestartCallback(Callback):
     def _layers(self, module: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
 
-    def _merge_layer(self, layer: nn.Module) -> float:
+    def _merge_layer(self, engine: Any, layer: nn.Module) -> FoldNorms:
         raise NotImplementedError
 
     def _reinit_values(self, layer: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -175,9 +177,11 @@ class RestartCallback(Callback):
         layers = self._layers(engine.module)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         record = {"step": step, **self._cycle_record(engine)}
-        sq_norm = 0.0
+        sq_norm = residual_sq = 0.0
         for layer in layers:
-            sq_norm += self._merge_layer(layer)
+            norms = self._merge_layer(engine, layer)
+            sq_norm += norms.delta_sq
+            residual_sq += norms.residual_sq
         params: list[nn.Parameter] = []
         for layer in layers:
             for name, value in self._reinit_values(layer, generator).items():
@@ -188,9 +192,14 @@ class RestartCallback(Callback):
         fraction = zero_state.zeroed_fraction(engine.optimizer, params)
         self.merged_steps.append(step)
         self.cycles.append(record)
+        delta_norm = math.sqrt(self._tp_sum(engine, sq_norm))
         metrics = {
             f"{self.prefix}/merges": float(self.merges),
-            f"{self.prefix}/delta_norm": math.sqrt(self._tp_sum(engine, sq_norm)),
+            f"{self.prefix}/delta_norm": delta_norm,
+            # what the base dtype could not absorb, relative to ||dW|| (carried to the next merge when
+            # merge_compensation is on, lost otherwise; 0 for an fp32 base)
+            f"{self.prefix}/merge_residual": math.sqrt(self._tp_sum(engine, residual_sq)) / delta_norm
+            if delta_norm > 0 else 0.0,
             f"{self.prefix}/zeroed_fraction": fraction,
             **self._after_merge(layers),
         }
@@ -256,9 +265,9 @@ class ReMoRACallback(RestartCallback):
         seed: seed of the pruning masks (identical on every rank).
 
     Reports per merge: ``remora/merges``, ``remora/type`` (the type just merged) and ``remora/next_type``,
-    ``remora/delta_norm``
-    (Frobenius norm of all merged ``dW``), ``remora/zeroed_fraction`` (of M's moments, read back through
-    DeepSpeed's getters), ``remora/merge_seconds``.
+    ``remora/delta_norm`` (Frobenius norm of all merged ``dW``), ``remora/merge_residual`` (norm of what the
+    base weights' dtype could not absorb, relative to ``delta_norm``), ``remora/zeroed_fraction`` (of M's
+    moments, read back through DeepSpeed's getters), ``remora/merge_seconds``.
 
     Spec: §3, §5.
     """
@@ -307,12 +316,13 @@ class ReMoRACallback(RestartCallback):
             layer.set_mora_type(self.current_type)
 
     @torch.no_grad()
-    def _merge_layer(self, layer: nn.Module) -> float:
+    def _merge_layer(self, engine: Any, layer: nn.Module) -> FoldNorms:
+        # dW from the optimizer's fp32 master of M (under DeepSpeed bf16 the module copy is bf16-rounded);
+        # M itself is zeroed in every copy by zero_state afterwards.
+        M = zero_state.get_full(engine.optimizer, layer.mora_M)
         weight = layer._base_weight_shard()
-        with zero_state.gathered([weight, layer.mora_M], modifier_rank=0):
-            # dW from the module's copy of M, the one the forward used, so the merged model computes the same
-            # function; M itself is zeroed in every copy by zero_state afterwards.
-            return layer.merge(reinit=False).delta_sq
+        with zero_state.gathered([weight], modifier_rank=0):
+            return layer.merge(reinit=False, M=M)
 
     def _cycle_record(self, engine: Any) -> dict[str, Any]:
         matrices = {name: layer.get_global_M(zero_state.get_full(engine.optimizer, layer.mora_M)).float().cpu()
@@ -358,8 +368,8 @@ class ReLoRACallback(RestartCallback):
         restart_warmup: warmup steps after each restart, which the engine's scheduler must have (0: none).
         seed: seed of the new ``A`` and of the pruning masks.
 
-    Reports ``relora/merges``, ``relora/delta_norm``, ``relora/zeroed_fraction`` (of A's and B's moments),
-    ``relora/merge_seconds``.
+    Reports ``relora/merges``, ``relora/delta_norm``, ``relora/merge_residual``, ``relora/zeroed_fraction`` (of
+    A's and B's moments), ``relora/merge_seconds``.
 
     Spec: §3.1.
     """
@@ -377,10 +387,10 @@ class ReLoRACallback(RestartCallback):
         return [layer for _, layer in lora_layers(module)]
 
     @torch.no_grad()
-    def _merge_layer(self, layer: LoRALinear) -> float:
-        weight = layer.base_layer.weight
-        with zero_state.gathered([weight, layer.lora_A, layer.lora_B], modifier_rank=0):
-            return layer.merge(reinit=False).delta_sq
+    def _merge_layer(self, engine: Any, layer: LoRALinear) -> FoldNorms:
+        A, B = (zero_state.get_full(engine.optimizer, p) for p in (layer.lora_A, layer.lora_B))  # fp32 masters
+        with zero_state.gathered([layer.base_layer.weight], modifier_rank=0):
+            return layer.merge(reinit=False, A=A, B=B)
 
     def _cycle_record(self, engine: Any) -> dict[str, Any]:
         factors = {name: (zero_state.get_full(engine.optimizer, layer.lora_A).float().cpu(),
