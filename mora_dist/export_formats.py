@@ -166,6 +166,49 @@ def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
+                    cycles: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Factors]:
+    """Per adapted module, the LoRA terms of the kept ``cycles`` (if any) then of the live adapter. Collective.
+
+    Raises:
+        MoRAConfigError: a type-6 layer or cycle, before any collective.
+    """
+    past = cycle_factors(cycles, _shapes(model)) if cycles else {}
+    terms = live_factors(model, optimizer)
+    return {name: past.get(name, []) + live for name, live in terms.items()}
+
+
+def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, model: nn.Module,
+                    extra: Mapping[str, torch.Tensor], modules_to_save: Sequence[str], dropout: float,
+                    mora_bytes: int | None = None) -> dict[str, Any]:
+    """Write ``terms`` (keyed by ``model``'s module names) as one PEFT LoRA adapter, on this rank only: each
+    module's terms concatenated (or its dense factorisation), zero-padded to the common rank, ``lora_alpha = r``;
+    ``extra``: the ``modules_to_save`` tensors under their file keys. Returns the report of
+    :func:`save_peft_lora`."""
+    combined = {name: combine(factors) for name, factors in terms.items()}
+    rank = max(A.shape[0] for A, _, _ in combined.values())
+    state: dict[str, torch.Tensor] = {}
+    for name, (A, B, _) in combined.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = _pad(A, rank, 0)
+        state[f"{PREFIX}{name}.lora_B.weight"] = _pad(B, rank, 1)
+    state.update(extra)
+    values = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": _base_name(model), "inference_mode": True,
+        "r": rank, "lora_alpha": rank, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "target_modules": target_modules(model, list(terms)), "modules_to_save": list(modules_to_save) or None,
+    }
+    write_adapter_dir(path, values, state)
+    report = {"rank": rank, "bytes": _nbytes(state), "mora_bytes": mora_bytes,
+              "dense_modules": sorted(name for name, (_, _, dense) in combined.items() if dense)}
+    logger.info("peft-lora adapter %s: rank %d, %.2f MB of tensors%s%s", path, rank, report["bytes"] / 1e6,
+                "" if mora_bytes is None else f" (the MoRA file: {mora_bytes / 1e6:.2f} MB, "
+                f"{report['bytes'] / mora_bytes:.1f}x)",
+                f"; {len(report['dense_modules'])} module(s) written dense (rank > min(d, k))"
+                if report["dense_modules"] else "")
+    return report
+
+
 def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any = None,
                    cycles: Sequence[Mapping[str, Any]] | None = None,
                    modules_to_save: Sequence[str] | None = None) -> dict[str, Any]:
@@ -181,52 +224,26 @@ def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any 
         modules_to_save: fully trained modules to include (default: the MoRA config's ``modules_to_save``).
 
     Returns:
-        ``{"rank", "bytes", "mora_bytes", "dense_modules"}``: the common rank, the tensor bytes written, the
-        bytes of our own MoRA file for the same model (``None`` for a LoRA model) and the modules written as
-        their dense factorisation.
+        ``{"rank", "bytes", "mora_bytes", "dense_modules"}`` on rank 0 (``{}`` elsewhere): the common rank, the
+        tensor bytes written, the bytes of our own MoRA file for the same model (``None`` for a LoRA model) and
+        the modules written as their dense factorisation.
 
     Raises:
         MoRAConfigError: a type-6 layer or cycle (nothing is written).
 
     Spec: §2.5.
     """
-    shapes = _shapes(model)
-    if cycles:
-        past = cycle_factors(cycles, shapes)  # type-6 cycles refused before any collective
-    factors = live_factors(model, optimizer)
-    if cycles:
-        factors = {name: past[name] + factors[name] for name in factors}
+    terms = peft_lora_terms(model, optimizer=optimizer, cycles=cycles)
     config = getattr(model, "mora_config", None)
-    names_to_save = modules_to_save if modules_to_save is not None else getattr(config, "modules_to_save", None)
-    extra = modules_to_save_state(model, names_to_save)
+    names = modules_to_save if modules_to_save is not None else getattr(config, "modules_to_save", None)
+    extra = modules_to_save_state(model, names)
     if not _is_rank0():
         return {}
-    combined = {name: combine(terms) for name, terms in factors.items()}
-    rank = max(A.shape[0] for A, _, _ in combined.values())
-    state: dict[str, torch.Tensor] = {}
-    for name, (A, B, _) in combined.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = _pad(A, rank, 0)
-        state[f"{PREFIX}{name}.lora_B.weight"] = _pad(B, rank, 1)
-    state.update(extra)
-    values = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": _base_name(model), "inference_mode": True,
-        "r": rank, "lora_alpha": rank, "lora_dropout": _dropout(model), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "target_modules": target_modules(model, list(factors)),
-        "modules_to_save": plan_modules_to_save(model, names_to_save) or None,
-    }
-    write_adapter_dir(path, values, state)
     mora_bytes = None
     if config is not None:
         mora_bytes = sum(layer.r_hat**2 * 4 for _, layer in mora_layers(model)) + _nbytes(extra)
-    report = {"rank": rank, "bytes": _nbytes(state), "mora_bytes": mora_bytes,
-              "dense_modules": sorted(name for name, (_, _, dense) in combined.items() if dense)}
-    logger.info("peft-lora adapter %s: rank %d, %.2f MB of tensors%s%s", path, rank, report["bytes"] / 1e6,
-                "" if mora_bytes is None else f" (the MoRA file: {mora_bytes / 1e6:.2f} MB, "
-                f"{report['bytes'] / mora_bytes:.1f}x)",
-                f"; {len(report['dense_modules'])} module(s) written dense (rank > min(d, k))"
-                if report["dense_modules"] else "")
-    return report
+    return write_peft_lora(path, terms, model=model, extra=extra, modules_to_save=plan_modules_to_save(model, names),
+                           dropout=_dropout(model), mora_bytes=mora_bytes)
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
