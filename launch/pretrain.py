@@ -32,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from mora_dist.errors import MoRAConfigError  # noqa: E402
-from mora_dist.run.checkpoint import clean_stale, list_checkpoints  # noqa: E402
+from mora_dist.run.checkpoint import clean_stale, list_checkpoints, resume_tag  # noqa: E402
 from mora_dist.run.config import RunConfig, RunConfigError, check_world, load_run_config  # noqa: E402
+from mora_dist.run.reshard import add_universal, check_resume_dp, load_module_state  # noqa: E402
 
 logger = logging.getLogger("mora_dist.pretrain")
 
@@ -68,6 +69,8 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
     if args.resume and not list_checkpoints(ckpt_dir):
         raise RunConfigError(f"--resume: {ckpt_dir} holds no complete checkpoint (no step_* folder); start a new "
                              "run without --resume, or set training.output_dir to the run to continue")
+    if args.resume and not args.check:
+        check_resume_dp(cfg, ckpt_dir, world // cfg.model.tensor_model_parallel_size)  # refuses what cannot follow
     return cfg, accum
 
 
@@ -123,8 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         write_run_files(cfg, tokenizer, vocab_size)
         clean_stale(Path(cfg.training.output_dir) / "checkpoints")
+    ckpt_dir = Path(cfg.training.output_dir) / "checkpoints"
+    # Another data-parallel size than the checkpoint's: rank 0 adds its universal form, every rank loads that.
+    universal = args.resume and check_resume_dp(cfg, ckpt_dir, backend.dp_size)
+    if universal and rank == 0:
+        add_universal(ckpt_dir / resume_tag(ckpt_dir))
     dist.barrier()
-    engine, callbacks = backend.build(cfg, vocab_size, tokenizer.eos_token_id, accum)
+    engine, callbacks = backend.build(cfg, vocab_size, tokenizer.eos_token_id, accum,
+                                      **({"load_universal": True} if universal else {}))
+    if universal:
+        load_module_state(engine, ckpt_dir / resume_tag(ckpt_dir))
     trainer = loop.Trainer(cfg, engine, callbacks, backend, resume=args.resume)
     start = time.perf_counter()
     trainer.run(tokenizer)

@@ -94,6 +94,8 @@ def test_local_copies_without_the_readme_config_table(tmp_path):
         assert sorted(r["text"].split()[0] for r in train) == [f"d{i}" for i in range(6)]
         assert [r["text"].split()[0] for r in val] == ["d3000", "d3001"]
         assert set(next(iter(train))) == {"text"}
+    urls = load_text_source(str(root), hub_config="en", text_field="url", eval_split="validation", streaming=True)
+    assert sorted(r["text"] for r in urls) == sorted(f"u{i}" for i in range(6))  # text_field picks the column
 
 
 def test_source_kinds_are_validated_before_anything_runs(tmp_path):

@@ -161,3 +161,33 @@ def test_zero3_bf16_run_with_odd_eval_blocks_finishes_and_resumes_without_latest
         assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
     assert got["eval/loss"][20] == pytest.approx(ref["eval/loss"][20], rel=1e-5)
     assert got["remora/merges"][20] == 2.0 and latest_tag(ckpt) == "step_0000020"
+
+
+def _resume_copy(src, tag: str, dst):
+    """A run folder holding only checkpoint ``tag`` of ``src`` (as if the run had been stopped there)."""
+    import shutil
+
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
+    (dst / "checkpoints" / "latest").write_text(tag)
+    return dst
+
+
+def test_resume_at_another_data_parallel_size_continues_the_same_curve(tiny_run, tmp_path):
+    """Catches a DP change that loses the optimizer state or the merged base weights (DeepSpeed's universal load
+    restores only trainable parameters), reorders the global samples, or shifts a merge: the DP=2 run stopped
+    at step 60 and resumed on 1 rank follows the uninterrupted DP=2 losses for the next 20 steps and merges at
+    step 80 as it did; that DP=1 run's step 70 resumed on 2 ranks does the same for its last 10 steps."""
+    ref = scalars(tiny_run[0])
+    one = _resume_copy(tiny_run[0], "step_0000060", tmp_path / "dp1")
+    run(1, TINY, [*FAST, f"training.output_dir={one}"], "--resume")
+    two = _resume_copy(one, "step_0000070", tmp_path / "dp2")
+    run(2, TINY, [*FAST, f"training.output_dir={two}"], "--resume")
+    for out, first in ((one, 61), (two, 71)):
+        got = scalars(out)
+        assert sorted(got["train/loss"]) == list(range(first, 81))
+        for step in range(first, 81):
+            assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-4), (out.name, step)
+        assert sorted(got["remora/merges"].items()) == [(80, 4.0)]
+        assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-4)
+    assert (one / "checkpoints" / "step_0000060" / "zero").is_dir()  # the universal form, added once

@@ -122,13 +122,8 @@ def load_text_source(
     if columns is not None and text_field not in columns:
         raise MoRAConfigError(f"data source {path!r} has no column text_field={text_field!r}; "
                               f"its columns are {columns}: set the source's text_field")
-    if columns is None:  # streaming without known features: keep only the text field
-        ds = ds.select_columns([text_field])
-    if text_field != "text":
-        ds = ds.rename_column(text_field, "text")
-    if columns is not None:
-        ds = ds.remove_columns([c for c in columns if c not in ("text", text_field)])
-    return ds
+    ds = ds.select_columns([text_field])  # first: a source may hold a "text" column besides text_field
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> None:

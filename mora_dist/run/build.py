@@ -194,9 +194,15 @@ def apply_adapters(cfg: RunConfig, model: nn.Module) -> nn.Module:
     return model
 
 
-def deepspeed_config(cfg: RunConfig, accum: int) -> dict[str, Any]:
-    """The user's DeepSpeed section plus what the other sections decide (batch, optimizer, clipping, dtype)."""
+def deepspeed_config(cfg: RunConfig, accum: int, *, load_universal: bool = False) -> dict[str, Any]:
+    """The user's DeepSpeed section plus what the other sections decide (batch, optimizer, clipping, dtype).
+
+    ``load_universal``: the checkpoint to resume is read in DeepSpeed's universal form (another data-parallel
+    size, :mod:`mora_dist.run.reshard`).
+    """
     ds = cfg.deepspeed_dict()
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     t, o = cfg.training, cfg.optimizer
     ds.update(
         train_batch_size=t.global_batch_size,
@@ -265,12 +271,12 @@ def build_callbacks(cfg: RunConfig):
     return CallbackList(callbacks)
 
 
-def build_engine(cfg: RunConfig, model: nn.Module, accum: int, *, mpu: Any = None):
+def build_engine(cfg: RunConfig, model: nn.Module, accum: int, *, mpu: Any = None, load_universal: bool = False):
     """``deepspeed.initialize`` on the trainable parameters; returns the engine."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                           config=deepspeed_config(cfg, accum),
+                                           config=deepspeed_config(cfg, accum, load_universal=load_universal),
                                            lr_scheduler=scheduler_factory(cfg), mpu=mpu)
     return engine

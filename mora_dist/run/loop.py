@@ -32,12 +32,12 @@ class HFBackend:
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.dp_group = None
 
-    def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int):
+    def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int, *, load_universal: bool = False):
         model = build.build_hf_model(cfg, vocab_size, eos_token_id)
         from mora_dist.model import trainable_summary
 
         logger.info("%s (%s)", trainable_summary(model), cfg.method)
-        return build.build_engine(cfg, model, accum), build.build_callbacks(cfg)
+        return build.build_engine(cfg, model, accum, load_universal=load_universal), build.build_callbacks(cfg)
 
     def loss(self, engine: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean next-token loss of ``input_ids: (b, s)`` and the number of predicted tokens ``b * (s - 1)``."""
