@@ -81,3 +81,7 @@ def test_megatron_source_config_errors(tmp_path):
         load_run_config("configs/remora_tiny.json", [f"data.sources.1.path={tmp_path}/corpus_text_document",
                                                      'data.sources.1.format="megatron"'])
     assert raw["data"]["sources"][1]["name"] == "poems"
+    from mora_dist.data import list_files
+
+    assert list_files("/c/web_text_document", "megatron") == ("megatron", ["/c/web_text_document.bin",
+                                                                         "/c/web_text_document.idx"])

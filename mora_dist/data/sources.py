@@ -68,11 +68,14 @@ def _builder_of(path: Path) -> str | None:
 
 
 def list_files(path: str | os.PathLike, fmt: str = "auto") -> tuple[str, list[str]]:
-    """``(builder, files)`` for a file or a folder (recursive, sorted; files of other formats are skipped).
+    """``(builder, files)`` for a file or a folder (recursive, sorted; files of other formats are skipped), or
+    ``("megatron", [<prefix>.bin, <prefix>.idx])`` for a Megatron indexed dataset prefix.
 
     Raises:
         MoRAConfigError: nothing readable at ``path``, or a folder mixing formats with ``fmt="auto"``.
     """
+    if fmt == "megatron":  # a .bin/.idx prefix (mora_dist.data.indexed), not a file or folder
+        return "megatron", [f"{path}.bin", f"{path}.idx"]
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file() and _builder_of(f)) if p.is_dir() else [p]
     if not files or not p.exists():
