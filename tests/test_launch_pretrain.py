@@ -161,6 +161,7 @@ def test_zero3_bf16_run_with_odd_eval_blocks_finishes_and_resumes_without_latest
         assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
     assert got["eval/loss"][20] == pytest.approx(ref["eval/loss"][20], rel=1e-5)
     assert got["remora/merges"][20] == 2.0 and latest_tag(ckpt) == "step_0000020"
+    assert all(0 < v < 1 for v in ref["remora/merge_residual"].values())  # bf16 base, partitioned
 
 
 def _resume_copy(src, tag: str, dst):
@@ -191,3 +192,39 @@ def test_resume_at_another_data_parallel_size_continues_the_same_curve(tiny_run,
         assert sorted(got["remora/merges"].items()) == [(80, 4.0)]
         assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-4)
     assert (one / "checkpoints" / "step_0000060" / "zero").is_dir()  # the universal form, added once
+
+
+def test_bf16_remora_run_reports_merge_residual_and_exports_from_the_fp32_masters(tmp_path):
+    """A bf16 ReMoRA run (2 ranks, ZeRO-2): ``remora/merge_residual`` reaches TensorBoard at every merge, the
+    checkpoint carries each layer's compensation buffer, and export reads M from the fp32 masters (not the bf16
+    module copy in the model states) and writes the nearest bf16 to W + residual + dW. Catches a merge metric
+    that is never logged, an export that drops the residual, and one that merges the bf16 copy of M."""
+    from safetensors.torch import load_file
+
+    from mora_dist.merge import RESIDUAL
+    from mora_dist.model import mora_layers
+    from mora_dist.run.checkpoint import read_model_states
+
+    out = tmp_path / "run"
+    run(2, TINY, ["model.dtype=bfloat16", "training.max_steps=20", "remora.merge_every=10",
+                  "training.eval_interval=20", "training.save_interval=15", "scheduler.warmup_steps=5",
+                  f"training.output_dir={out}"])
+    residual = scalars(out)["remora/merge_residual"]
+    assert sorted(residual) == [10, 20] and all(0 < v < 1 for v in residual.values()), residual
+
+    tag = "step_0000015"  # one merge done, M non-zero again
+    _, model = load_hf_run_model(out, tag)
+    module_states = read_model_states(out, tag)["module"]
+    name, layer = next(iter(mora_layers(model)))
+    stored_M = module_states[f"{name}.mora_M"]
+    assert stored_M.dtype == torch.bfloat16  # DeepSpeed's bf16 module copy
+    assert not torch.equal(layer.mora_M.detach(), stored_M.float())  # the model holds the fp32 master instead
+    res = getattr(layer, RESIDUAL)
+    assert res is not None and float(res.abs().max()) > 0
+    W = layer.base_layer.weight.double()
+    exact = W + res.double() + layer.delta_weight().double()
+    export_in_process("--run", str(out), "--out", str(tmp_path / "hf"), "--tag", tag)
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))[f"{name}.weight"].double()
+    _, exponent = torch.frexp(exact.abs())
+    half_step = torch.ldexp(torch.ones_like(exact), exponent - 9)
+    assert bool(((exported - exact).abs() <= half_step * (1 + 1e-6)).all())

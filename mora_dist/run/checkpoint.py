@@ -162,6 +162,30 @@ def read_model_states(run_dir: str | os.PathLike, tag: str | None = None, *, mp_
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def read_fp32_masters(run_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
+    """The optimizer's fp32 masters of the trainable parameters of a bf16/fp16 ZeRO 1-3 checkpoint, keyed like
+    the module state dict (``{}`` for an fp32 run, whose module copy is its master).
+
+    Under DeepSpeed bf16 the module copy of ``M`` (in ``mp_rank_00_model_states.pt``) is bf16-rounded; merges
+    read the fp32 master, and so must export. ZeRO-0 keeps its master inside the optimizer's own state, which is
+    not read here: ``{}`` with a warning (the bf16 module copy is used).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg = read_run_config(run_dir)
+    if cfg.model.dtype == "float32":
+        return {}
+    stage = int(cfg.deepspeed_dict().get("zero_optimization", {}).get("stage", 0))
+    if stage == 0:
+        logger.warning("run %s: model.dtype=%s at ZeRO stage 0: the fp32 masters are not read, the adapter comes "
+                       "from the %s module copy in the checkpoint (train at ZeRO 1-3 to export exact values)",
+                       run_dir, cfg.model.dtype, cfg.model.dtype)
+        return {}
+    ckpt = Path(run_dir) / "checkpoints"
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag or latest_tag(ckpt),
+                                                    exclude_frozen_parameters=True)
+
+
 def current_mora_type(client_state: dict[str, Any]) -> int | None:
     """The MoRA type ReMoRA had switched to when the checkpoint was written (``None`` without ReMoRA)."""
     from mora_dist.training.callbacks import CLIENT_STATE_KEY
@@ -173,7 +197,8 @@ def current_mora_type(client_state: dict[str, Any]) -> int | None:
 
 
 def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None):
-    """``(cfg, model)``: the Hugging Face backend's training model (adapters unmerged) as of checkpoint ``tag``."""
+    """``(cfg, model)``: the Hugging Face backend's training model (adapters unmerged) as of checkpoint ``tag``,
+    trainable parameters from the fp32 masters in a bf16/fp16 run (:func:`read_fp32_masters`)."""
     from mora_dist.model import set_mora_type
     from mora_dist.run.build import build_hf_model
 
@@ -184,6 +209,10 @@ def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None):
     eos = load_tokenizer(Path(run_dir) / "tokenizer").eos_token_id
     model = build_hf_model(cfg, cfg.model.vocab_size, eos)
     model.load_state_dict(states["module"], strict=True)
+    masters = read_fp32_masters(run_dir, tag)  # the exact adapter values merges read, not their bf16 copies
+    unexpected = model.load_state_dict(masters, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"fp32 masters of {run_dir} name parameters the model lacks: {unexpected[:5]}")
     mora_type = current_mora_type(states)
     if mora_type is not None:
         set_mora_type(model, mora_type)
