@@ -5,6 +5,10 @@ Our keys: ``base_model.model.<module>.mora_M`` (the global ``(r_hat, r_hat)`` ma
 fork (``"use_mora": true`` in the config, the matrix under ``lora_A.weight``, the same matrix again under
 ``lora_B.weight``) with the ``modules_to_save`` tensors it holds, in PEFT's saved layout
 (``base_model.model.<module>.<param>``) or its in-memory one (``<module>.modules_to_save.<adapter>.<param>``).
+
+Module names are global across pipeline stages (``decoder.layers.<i>`` is the model-wide layer index), so one
+file serves any TP / PP / virtual-pipeline layout: saving gathers every stage's tensors, loading on a stage takes
+that stage's layers. Both are collective over the tensor- and pipeline-parallel groups. Spec: §4.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from mora_dist.config import MoRAConfig
 from mora_dist.errors import AdapterLoadError, MoRAConfigError
-from mora_dist.model import apply_mora, mora_layers
+from mora_dist.model import Model, apply_mora, mora_layers
+from mora_dist.parallel import pipeline
 from mora_dist.targeting import plan_modules_to_save
 
 logger = logging.getLogger(__name__)
@@ -37,21 +42,36 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def modules_to_save_state(model: nn.Module, names: list[str] | str | None = None) -> dict[str, torch.Tensor]:
+def _config(model: Model) -> MoRAConfig:
+    config = getattr(pipeline.model_chunks(model)[0], "mora_config", None)
+    if config is None:
+        raise AdapterLoadError("the model has no MoRA adapter (apply_mora or load_mora first)")
+    return config
+
+
+def modules_to_save_state(model: Model, names: list[str] | str | None = None) -> dict[str, torch.Tensor]:
     """The parameters of the modules ``names`` (default: the MoRA config's ``modules_to_save``), keyed as in the
-    file (PEFT's keys for them too)."""
+    file (PEFT's keys for them too), at TP = 1 and from every pipeline stage (collective over both groups; every
+    rank gets the whole dict). A name is valid when some stage has it."""
+    chunks = pipeline.model_chunks(model)
+    if names is None and hasattr(chunks[0], "mora_config"):
+        names = chunks[0].mora_config.modules_to_save
+    group, tp_group = pipeline.pipeline_group(chunks), pipeline.tensor_group(chunks)
+    named = [(name, module) for name, module, _, _ in pipeline.named_modules(chunks)]
+    modules = dict(named)
+    agree = partial(pipeline.unmatched_everywhere, group=group)
     state = {}
-    if names is None and hasattr(model, "mora_config"):
-        names = model.mora_config.modules_to_save
-    for name in plan_modules_to_save(model, names):
-        for pname, p in model.get_submodule(name).named_parameters():
-            state[f"{PREFIX}{name}.{pname}"] = p.detach().cpu()
-    return state
+    for name in plan_modules_to_save(named, names, unmatched_everywhere=agree):
+        for pname, p in modules[name].named_parameters():
+            state[f"{PREFIX}{name}.{pname}"] = pipeline.global_param(p, tp_group)
+    return pipeline.merge_stage_dicts(state, group)
 
 
-def mora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Global adapter tensors keyed as in the file (gathers tensor-parallel shards: call on every rank)."""
+def mora_state_dict(model: Model) -> dict[str, torch.Tensor]:
+    """Global adapter tensors of the whole model keyed as in the file: tensor-parallel shards gathered, every
+    pipeline stage's tensors merged (collective: call on every rank; every rank gets the whole dict)."""
     state = {f"{PREFIX}{name}.mora_M": layer.get_global_M().cpu() for name, layer in mora_layers(model)}
+    state = pipeline.merge_stage_dicts(state, pipeline.pipeline_group(model))
     state.update(modules_to_save_state(model))
     return state
 
@@ -75,11 +95,12 @@ def write_adapter_dir(path: str | os.PathLike, config: dict, state: dict[str, to
     return path / WEIGHTS_NAME
 
 
-def save_mora(model: nn.Module, path: str | os.PathLike, *, format: str = "mora", optimizer: Any = None) -> None:
-    """Write the adapter to directory ``path`` atomically. Collective under TP (call on every rank).
+def save_mora(model: Model, path: str | os.PathLike, *, format: str = "mora", optimizer: Any = None) -> None:
+    """Write the adapter to directory ``path`` atomically. Collective under tensor and pipeline parallelism (call
+    on every rank; global rank 0 writes).
 
     Args:
-        model: a model with MoRA layers (``apply_mora``).
+        model: a model with MoRA layers (``apply_mora``), or the list of its chunks (virtual pipeline).
         path: the folder to write (replaced if it exists).
         format: ``"mora"`` (our files: the global ``M`` of every layer), ``"peft-lora"`` (a standard PEFT LoRA
             that reproduces the model exactly, types 1-4) or ``"mora-authors"`` (the MoRA authors' PEFT fork);
@@ -99,7 +120,7 @@ def save_mora(model: nn.Module, path: str | os.PathLike, *, format: str = "mora"
         return
     if optimizer is not None:
         raise MoRAConfigError("save_mora(format='mora') writes the module's M; optimizer= is for the export formats")
-    config: MoRAConfig = model.mora_config
+    config = _config(model)
     state = mora_state_dict(model)
     if not _is_rank0():
         return
@@ -126,10 +147,13 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[MoRAConfig, bool]:
     return MoRAConfig.from_dict(values), False
 
 
-def load_mora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter into ``model`` (applying MoRA first if the model has none) and return the model.
+def load_mora(model: Model, path: str | os.PathLike) -> Model:
+    """Load an adapter into ``model`` (a module or a list of chunks; MoRA applied first if it has none) and
+    return it. Each pipeline stage takes its own layers' matrices; every rank of the model calls it.
 
-    Raises ``AdapterLoadError`` naming the module and both shapes when the file does not fit the model.
+    Raises:
+        AdapterLoadError: the file does not fit the model (names the module and both shapes), raised on every
+            stage and before anything is loaded.
     """
     config, authors = read_adapter_config(path)
     if not any(True for _ in mora_layers(model)):
@@ -137,49 +161,59 @@ def load_mora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     else:
         for _, layer in mora_layers(model):
             layer.set_mora_type(config.mora_type)
+    group = pipeline.pipeline_group(model)
     state = load_file(str(Path(path) / WEIGHTS_NAME))
     suffix = ".lora_A.weight" if authors else ".mora_M"
     matrices = {k[len(PREFIX) : -len(suffix)]: v for k, v in state.items() if k.endswith(suffix)}
     layers = dict(mora_layers(model))
+    params = pipeline.named_parameters(model)
+    others, keys = _module_tensors(state, suffix)
+    problems = []
     missing = sorted(set(layers) - set(matrices))
     if missing:
-        raise AdapterLoadError(
-            f"adapter at {path} has no matrix for module(s) {missing[:5]}; was it saved from this model?"
-        )
-    for name, M in matrices.items():
-        if name not in layers:
-            raise AdapterLoadError(
-                f"adapter at {path} has a matrix for {name!r}, which is not a MoRA layer of the model"
-            )
+        problems.append(f"adapter at {path} has no matrix for module(s) {missing[:5]}; was it saved from this model?")
+    for name in set(matrices) & set(layers):
         expected = (layers[name].r_hat, layers[name].r_hat)
-        if tuple(M.shape) != expected:
-            raise AdapterLoadError(
-                f"module {name!r}: adapter matrix has shape {tuple(M.shape)}, the model's layer expects {expected} "
-                f"(different in/out features or r); load it into the model it was trained on"
+        if tuple(matrices[name].shape) != expected:
+            problems.append(
+                f"module {name!r}: adapter matrix has shape {tuple(matrices[name].shape)}, the model's layer expects "
+                f"{expected} (different in/out features or r); load it into the model it was trained on"
             )
-    others = _place_module_tensors(model, state, suffix, path)
+    tp_group = pipeline.tensor_group(model)
+    for name in set(others) & set(params):
+        others[name] = pipeline.local_param(others[name], params[name], tp_group)
+        if params[name].shape != others[name].shape:
+            problems.append(f"module parameter {name!r}: adapter has shape {tuple(others[name].shape)}, "
+                            f"model has {tuple(params[name].shape)}")
+    # A name this stage lacks may live on another stage; it is an error only if no stage has it.
+    unplaced = pipeline.unmatched_everywhere([keys[n] for n in others if n not in params], group)
+    stray = pipeline.unmatched_everywhere(sorted(n for n in matrices if n not in layers), group)
+    problems += [f"adapter at {path} has a matrix for {n!r}, which is not a MoRA layer of the model" for n in stray]
+    if unplaced:
+        problems.append(f"adapter at {path} holds {len(unplaced)} tensor(s) this model has no parameter for: "
+                        f"{unplaced[:8]}; load it into the model it was trained on, or remove those tensors from "
+                        "the file")
+    pipeline.raise_if_any(sorted(problems), group, AdapterLoadError, "")
     for name, M in matrices.items():
-        layers[name].set_global_M(M)
+        if name in layers:
+            layers[name].set_global_M(M)
     with torch.no_grad():
-        for param, value in others:
-            param.copy_(value)
+        for name, value in others.items():
+            if name in params:
+                params[name].copy_(value)
     return model
 
 
-def _place_module_tensors(
-    model: nn.Module, state: dict[str, torch.Tensor], suffix: str, path: str | os.PathLike
-) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """``(parameter, value)`` for every tensor of ``state`` that is not an adapter matrix (``modules_to_save``).
+def _module_tensors(state: dict[str, torch.Tensor], suffix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``({module parameter name: value}, {name: file key})`` of the tensors of ``state`` that are not adapter
+    matrices (``modules_to_save``).
 
     Accepts PEFT's saved key ``base_model.model.<module>.<param>`` and its in-memory
     ``base_model.model.<module>.modules_to_save.<adapter>.<param>``. The authors' ``lora_B.weight`` is a second
-    copy of ``lora_A.weight`` and is skipped when equal.
-
-    Raises:
-        AdapterLoadError: tensors the model has no parameter for (all named), or a shape mismatch.
+    copy of ``lora_A.weight`` and is skipped when equal. A key outside ``base_model.model.`` keeps its own name
+    (and matches no parameter).
     """
-    params = dict(model.named_parameters())
-    placed, unplaced = [], []
+    values, keys = {}, {}
     for key, value in state.items():
         if key.endswith(suffix):
             continue
@@ -187,22 +221,9 @@ def _place_module_tensors(
             twin = state.get(key[: -len(".lora_B.weight")] + suffix)
             if twin is not None and torch.equal(twin, value):
                 continue
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else None
-        if name is not None and ".modules_to_save." in name:
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if key.startswith(PREFIX) and ".modules_to_save." in name:
             module, _, rest = name.partition(".modules_to_save.")
             name = f"{module}.{rest.partition('.')[2]}"  # drop the adapter name
-        if name not in params:
-            unplaced.append(key)
-            continue
-        if params[name].shape != value.shape:
-            raise AdapterLoadError(
-                f"module parameter {name!r}: adapter has shape {tuple(value.shape)}, "
-                f"model has {tuple(params[name].shape)}"
-            )
-        placed.append((params[name], value))
-    if unplaced:
-        raise AdapterLoadError(
-            f"adapter at {path} holds {len(unplaced)} tensor(s) this model has no parameter for: {unplaced[:8]}; "
-            "load it into the model it was trained on, or remove those tensors from the file"
-        )
-    return placed
+        values[name], keys[name] = value, key
+    return values, keys

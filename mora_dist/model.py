@@ -3,19 +3,26 @@
 Dispatchers are tried in order; the first that accepts a module wraps it (``nn.Linear`` here, megatron-core
 column/row-parallel layers in :mod:`mora_dist.parallel.layers`, Transformer Engine layers in
 :mod:`mora_dist.parallel.te_layers`; both imported only when such a layer is present).
+
+A model is a module or a list of model chunks (megatron virtual pipeline); module names are global across
+pipeline stages (:mod:`mora_dist.parallel.pipeline`), and a target or module to save is valid when it exists
+on some stage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from functools import partial
 
+import torch
 from torch import nn
 
 from mora_dist.config import MoRAConfig
 from mora_dist.errors import MoRAConfigError
 from mora_dist.layer import MoRALayerMixin, MoRALinear
 from mora_dist.operators import check_r_hat, compute_r_hat
+from mora_dist.parallel import pipeline
 from mora_dist.targeting import plan_modules_to_save, plan_targets
 
 logger = logging.getLogger(__name__)
@@ -76,21 +83,33 @@ def _features(module: nn.Module, name: str) -> tuple[int, int]:
     return megatron_features(module, name)
 
 
-def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
-    """Wrap the targeted linear layers of ``model`` with MoRA, in place, and return it.
+Model = nn.Module | Sequence[nn.Module]
+
+
+def apply_mora(model: Model, config: MoRAConfig) -> Model:
+    """Wrap the targeted linear layers of ``model`` (a module or a list of chunks) with MoRA, in place; return it.
 
     Every parameter is frozen except the square matrices and the modules in ``config.modules_to_save``. The
-    whole plan (targets, ``r_hat`` of every layer, modules to save) is validated before anything changes.
+    whole plan (targets, ``r_hat`` of every layer, modules to save) is validated before anything changes. Under
+    pipeline parallelism every stage calls it; names are checked against all stages together.
 
     Raises:
-        NoMatchingModuleError: a target or a module to save matches nothing.
-        MoRAConfigError: an ``r_hat`` cannot work for some layer (the message names it).
+        NoMatchingModuleError: a target or a module to save matches nothing on any stage.
+        MoRAConfigError: an ``r_hat`` cannot work for some layer (the message names it), an unsupported
+            megatron layout (mixture of experts), or a model that already has MoRA layers.
     """
-    if any(isinstance(m, MoRALayerMixin) for m in model.modules()):
+    chunks = pipeline.model_chunks(model)
+    if any(isinstance(m, MoRALayerMixin) for c in chunks for m in c.modules()):
         raise MoRAConfigError("apply_mora: the model already has MoRA layers; call unload(model) first")
-    targets = plan_targets(model, config.target_modules, config.exclude_modules, _is_candidate)
-    to_save = plan_modules_to_save(model, config.modules_to_save)
-    modules = dict(model.named_modules())
+    pipeline.check_supported(chunks)
+    index = pipeline.named_modules(chunks)
+    named = [(name, module) for name, module, _, _ in index]
+    agree = partial(pipeline.unmatched_everywhere, group=pipeline.pipeline_group(chunks))
+    targets = plan_targets(named, config.target_modules, config.exclude_modules, _is_candidate,
+                           unmatched_everywhere=agree)
+    to_save = plan_modules_to_save(named, config.modules_to_save, unmatched_everywhere=agree)
+    where = {name: (chunk, local) for name, _, chunk, local in index}
+    modules = dict(named)
     plan = [(name, layer_r_hat(*_features(modules[name], name), config, name)) for name in targets]
     for name, r_hat in plan:
         if not isinstance(modules[name], nn.Linear):
@@ -98,15 +117,18 @@ def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
 
             check_megatron_linear(modules[name], name, config, r_hat)  # sharding errors before any change
 
-    model.requires_grad_(False)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
     for name, r_hat in plan:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        chunk, local = where[name]
+        parent_name, _, child = local.rpartition(".")
+        parent = chunk.get_submodule(parent_name) if parent_name else chunk
         setattr(parent, child, _wrap(modules[name], name, config, r_hat))
     for name in to_save:
-        model.get_submodule(name).requires_grad_(True)
-    model.mora_config = config
-    trainable, total = count_parameters(model)
+        modules[name].requires_grad_(True)
+    for chunk in chunks:
+        chunk.mora_config = config
+    trainable, total = count_parameters(chunks)
     logger.info(
         "MoRA type %d on %d layers; trainable params: %d || all params: %d || trainable%%: %.4f",
         config.mora_type,
@@ -118,9 +140,9 @@ def apply_mora(model: nn.Module, config: MoRAConfig) -> nn.Module:
     return model
 
 
-def mora_layers(model: nn.Module) -> Iterator[tuple[str, MoRALayerMixin]]:
-    """``(name, layer)`` of every MoRA layer, in model order."""
-    for name, module in model.named_modules():
+def mora_layers(model: Model) -> Iterator[tuple[str, MoRALayerMixin]]:
+    """``(global name, layer)`` of every MoRA layer of this rank's chunks, in model order."""
+    for name, module, _, _ in pipeline.named_modules(model):
         if isinstance(module, MoRALayerMixin):
             yield name, module
 
@@ -131,31 +153,45 @@ def set_mora_type(model: nn.Module, mora_type: int | str) -> None:
         layer.set_mora_type(mora_type)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts (ZeRO-3 partitioned parameters counted by their full size)."""
+def count_parameters(model: Model) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of the whole model (ZeRO-3 partitioned parameters counted by
+    their full size). A megatron model is counted over all its pipeline stages and tensor-parallel shards
+    (collective over both groups; replicated parameters counted once)."""
+    chunks = pipeline.model_chunks(model)
+    tp_group = pipeline.tensor_group(chunks)
+    tp_rank = torch.distributed.get_rank(tp_group) if tp_group is not None else 0
     trainable = total = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if tp_rank and not getattr(p, "tensor_model_parallel", False):
+                continue  # the same values on every tensor-parallel rank: count them on rank 0
+            n = getattr(p, "ds_numel", p.numel())
+            total += n
+            trainable += n if p.requires_grad else 0
+    counts = pipeline.sum_over([trainable, total], tp_group)
+    trainable, total = pipeline.sum_over(counts, pipeline.pipeline_group(chunks))
     return trainable, total
 
 
-def trainable_summary(model: nn.Module) -> str:
-    """PEFT-style line: ``trainable params: N || all params: M || trainable%: P``."""
+def trainable_summary(model: Model) -> str:
+    """PEFT-style line: ``trainable params: N || all params: M || trainable%: P`` (collective like
+    :func:`count_parameters`)."""
     trainable, total = count_parameters(model)
     percent = 100 * trainable / max(total, 1)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: Model, merge: bool = True) -> Model:
     """Replace every MoRA layer by its base layer (merging ``dW`` first unless ``merge=False``)."""
-    for name, layer in list(mora_layers(model)):
+    for _, layer, chunk, local in list(pipeline.named_modules(model)):
+        if not isinstance(layer, MoRALayerMixin):
+            continue
         if merge:
             layer.merge(reinit=True)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent_name, _, child = local.rpartition(".")
+        parent = chunk.get_submodule(parent_name) if parent_name else chunk
         setattr(parent, child, layer.release_base())
-    if hasattr(model, "mora_config"):
-        del model.mora_config
+    for chunk in pipeline.model_chunks(model):
+        if hasattr(chunk, "mora_config"):
+            del chunk.mora_config
     return model

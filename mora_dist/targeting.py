@@ -17,6 +17,7 @@ from mora_dist.errors import NoMatchingModuleError
 
 # Output heads that "all-linear" leaves alone (HF: lm_head / embed_out; megatron-core: output_layer).
 OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
+_EMPTY = "<no layer left>"  # marks a plan that chose nothing, for the agreement across pipeline stages
 
 
 def name_matches(name: str, key: str) -> bool:
@@ -26,46 +27,71 @@ def name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _select(names: list[str], spec: list[str] | str | None, field: str, strict: bool) -> set[str]:
+def _select(names: list[str], spec: list[str] | str | None) -> tuple[set[str], list[str]]:
+    """``(chosen names, entries of spec that match nothing)``."""
     if spec is None:
-        return set()
+        return set(), []
     if isinstance(spec, str):
         if spec == "all-linear":
-            return {n for n in names if n.split(".")[-1] not in OUTPUT_HEAD_NAMES}
+            return {n for n in names if n.split(".")[-1] not in OUTPUT_HEAD_NAMES}, []
         chosen = {n for n in names if re.fullmatch(spec, n)}
-        if strict and not chosen:
-            raise NoMatchingModuleError(
-                f"{field}={spec!r} (a regex, matched against whole names) matches no module; "
-                f"candidates look like {names[:5]}"
-            )
-        return chosen
+        return chosen, ([] if chosen else [spec])
     chosen: set[str] = set()
+    unmatched = []
     for key in spec:
         hits = {n for n in names if name_matches(n, key)}
-        if strict and not hits:
-            raise NoMatchingModuleError(
-                f"{field} entry {key!r} matches no module; candidates look like {_suffixes(names)}. "
-                f"Fix the name or remove it from {field}"
-            )
+        if not hits:
+            unmatched.append(key)
         chosen |= hits
-    return chosen
+    return chosen, unmatched
+
+
+def _no_match(field: str, spec: list[str] | str, entries: list[str], names: list[str]) -> NoMatchingModuleError:
+    if isinstance(spec, str):
+        return NoMatchingModuleError(
+            f"{field}={spec!r} (a regex, matched against whole names) matches no module; "
+            f"candidates look like {names[:5]}"
+        )
+    return NoMatchingModuleError(
+        f"{field} entry {entries[0]!r} matches no module; candidates look like {_suffixes(names)}. "
+        f"Fix the name or remove it from {field}"
+    )
 
 
 def _suffixes(names: Iterable[str]) -> list[str]:
     return sorted({n.split(".")[-1] for n in names})[:12]
 
 
+Named = Iterable[tuple[str, nn.Module]]
+Agree = Callable[[list[str]], list[str]]
+
+
+def _local(entries: list[str]) -> list[str]:
+    return entries
+
+
 def plan_targets(
-    model: nn.Module,
+    model: nn.Module | Named,
     target_modules: list[str] | str,
     exclude_modules: list[str] | str | None,
     is_candidate: Callable[[nn.Module], bool],
+    *,
+    unmatched_everywhere: Agree = _local,
 ) -> list[str]:
-    """Names of the modules to wrap, in model order. Raises ``NoMatchingModuleError`` before any change."""
-    candidates = [name for name, module in model.named_modules() if name and is_candidate(module)]
-    chosen = _select(candidates, target_modules, "target_modules", strict=True)
-    chosen -= _select(candidates, exclude_modules, "exclude_modules", strict=False)
-    if not chosen:
+    """Names of the modules to wrap, in model order. Raises ``NoMatchingModuleError`` before any change.
+
+    ``model`` is a module or its ``(name, module)`` pairs. ``unmatched_everywhere`` keeps the entries that match
+    on no pipeline stage (a collective; the default is this model alone): an entry is valid if any stage has it.
+    """
+    named = model.named_modules() if isinstance(model, nn.Module) else model
+    candidates = [name for name, module in named if name and is_candidate(module)]
+    chosen, unmatched = _select(candidates, target_modules)
+    chosen -= _select(candidates, exclude_modules)[0]
+    unmatched = unmatched_everywhere(unmatched + ([] if chosen else [_EMPTY]))  # one collective call
+    entries = [e for e in unmatched if e != _EMPTY]
+    if entries:
+        raise _no_match("target_modules", target_modules, entries, candidates)
+    if _EMPTY in unmatched:
         raise NoMatchingModuleError(
             f"target_modules={target_modules!r} minus exclude_modules={exclude_modules!r} leaves no linear layer; "
             f"candidates look like {_suffixes(candidates)}"
@@ -73,10 +99,16 @@ def plan_targets(
     return [name for name in candidates if name in chosen]
 
 
-def plan_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
-    """Names of the modules trained fully. Raises if an entry matches nothing."""
+def plan_modules_to_save(
+    model: nn.Module | Named, modules_to_save: list[str] | None, *, unmatched_everywhere: Agree = _local
+) -> list[str]:
+    """Names of the modules trained fully. Raises if an entry matches nothing (on any pipeline stage)."""
     if not modules_to_save:
         return []
-    names = [name for name, _ in model.named_modules() if name]
-    chosen = _select(names, list(modules_to_save), "modules_to_save", strict=True)
+    named = model.named_modules() if isinstance(model, nn.Module) else model
+    names = [name for name, _ in named if name]
+    chosen, unmatched = _select(names, list(modules_to_save))
+    unmatched = unmatched_everywhere(unmatched)
+    if unmatched:
+        raise _no_match("modules_to_save", list(modules_to_save), unmatched, names)
     return [name for name in names if name in chosen]

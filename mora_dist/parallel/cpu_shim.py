@@ -12,7 +12,9 @@ constructors and helpers run under :class:`_CudaAsCpu`, a ``TorchFunctionMode`` 
 allocates on the CPU and names CPU tensors as their CUDA types; the optimizer step itself (``torch.optim.AdamW``,
 megatron's fallback without Apex/Transformer Engine) runs unpatched. Nothing is patched on import;
 :func:`enable_cpu_megatron` patches, and only when ``torch.cuda.is_available()`` is false, so it is a no-op on
-a GPU machine. Build models with
+a GPU machine. The pipeline schedules allocate their token counter with ``device="cuda"``:
+:func:`_patch_megatron_schedules` gives them a ``torch`` namespace whose ``zeros`` allocates on the CPU. Build
+models with
 :func:`cpu_model_parallel_kwargs` (``use_cpu_initialization=True``, ``gradient_accumulation_fusion=False``)
 and pass an explicit attention mask (megatron's default causal mask is built on ``"cuda"``).
 
@@ -128,6 +130,28 @@ def _patch_megatron_optimizers() -> None:
             setattr(owner, name, _on_cpu(fn))
 
 
+class _TorchOnCpu:
+    """``torch`` as megatron's pipeline schedules see it on CPU: ``torch.zeros(..., device="cuda")`` (their token
+    counter) allocates on the CPU; every other name is torch's own."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _patch_megatron_schedules() -> None:
+    """Give ``pipeline_parallel/schedules.py`` (and only it) the :class:`_TorchOnCpu` namespace."""
+    from megatron.core.pipeline_parallel import schedules
+
+    if not isinstance(schedules.torch, _TorchOnCpu):
+        schedules.torch = _TorchOnCpu()
+
+
 def enable_cpu_megatron() -> bool:
     """Let megatron-core run on CPU; returns whether anything was patched (False when CUDA is available).
 
@@ -150,6 +174,7 @@ def enable_cpu_megatron() -> bool:
     # dist_checkpointing's writer synchronises the device before copying tensors; on CPU there is nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
     _patch_megatron_optimizers()
+    _patch_megatron_schedules()
     _ENABLED = True
     logger.info("megatron-core CPU mode: CPU RNG tracker and device lookup installed")
     return True

@@ -1,0 +1,214 @@
+"""Pipeline stages and virtual-pipeline chunks: one model-wide name for every module, and the collectives that
+let a rank's adapter code see the whole model.
+
+A megatron-core pipeline stage (or virtual-pipeline chunk) numbers its transformer layers from 0
+(``decoder.layers.0``), so two stages would name different layers alike. Every name here is *global*: the
+``decoder.layers.<i>`` part of a name carries the layer's model-wide index, read from megatron's own
+``TransformerLayer.layer_number`` (1-based, stage and chunk offset included, whatever the layout). A model at
+PP = 1 keeps its local names, so adapters move between pipeline layouts unchanged.
+
+A model is a module or a list of chunks (virtual pipeline); megatron's wrappers (``DistributedDataParallel``,
+``Float16Module``) are looked through. Names that live on one stage only (``embedding``, ``output_layer``,
+``decoder.final_layernorm``) are unique already.
+
+Collectives take the pipeline group of the model (``LanguageModule.pp_group``); a model without one (Hugging
+Face, PP = 1) is answered locally. Every rank of a pipeline group must call them together.
+
+Spec: §4.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mora_dist.errors import MoRAConfigError
+
+_LAYER_LIST = re.compile(r"^(.*\.)?layers\.(\d+)$")
+_WRAPPERS = ("DistributedDataParallel", "Float16Module", "TorchFullyShardedDataParallel", "FullyShardedDataParallel")
+
+
+def _is_megatron(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("megatron.")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside megatron's DDP / FSDP / ``Float16Module`` wrappers (the module itself otherwise)."""
+    while _is_megatron(module) and type(module).__name__ in _WRAPPERS and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """The unwrapped chunks of ``model`` (one for a plain module, several under virtual pipeline parallelism)."""
+    if isinstance(model, nn.Module):
+        return [unwrap(model)]
+    chunks = [unwrap(m) for m in model]
+    if not chunks or not all(isinstance(m, nn.Module) for m in chunks):
+        raise TypeError(f"expected an nn.Module or a non-empty list of model chunks, got {type(model).__name__}")
+    return chunks
+
+
+def _layer_renames(chunk: nn.Module) -> dict[str, str]:
+    """``{local prefix: global prefix}`` of every megatron transformer layer whose global index differs."""
+    renames = {}
+    for name, module in chunk.named_modules():
+        match = _LAYER_LIST.match(name)
+        number = getattr(module, "layer_number", None)
+        if match and _is_megatron(module) and isinstance(number, int):
+            if int(match.group(2)) != number - 1:
+                renames[name] = f"{match.group(1) or ''}layers.{number - 1}"
+    return renames
+
+
+def _globalize(name: str, renames: dict[str, str]) -> str:
+    for local, new in renames.items():
+        if name == local or name.startswith(local + "."):
+            return new + name[len(local) :]
+    return name
+
+
+def named_modules(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module, nn.Module, str]]:
+    """``(global name, module, chunk, local name)`` of every named module of every chunk, in model order.
+
+    Raises:
+        MoRAConfigError: two chunks of this rank give a module with parameters the same global name (chunks of
+            different models). Containers (``decoder``, ``decoder.layers``) exist in every chunk and may repeat.
+    """
+    out, seen = [], set()
+    for chunk in model_chunks(model):
+        renames = _layer_renames(chunk)
+        for local, module in chunk.named_modules():
+            if not local:
+                continue
+            name = _globalize(local, renames)
+            if name in seen and next(module.parameters(recurse=False), None) is not None:
+                raise MoRAConfigError(
+                    f"module name {name!r} appears in two model chunks; pass the chunks of one model, each built "
+                    "with its own vp_stage (megatron numbers their layers globally)"
+                )
+            seen.add(name)
+            out.append((name, module, chunk, local))
+    return out
+
+
+def named_parameters(model: nn.Module | Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    """Parameters of every chunk under their global names."""
+    out = {}
+    for chunk in model_chunks(model):
+        renames = _layer_renames(chunk)
+        for local, p in chunk.named_parameters():
+            out[_globalize(local, renames)] = p
+    return out
+
+
+def check_supported(model: nn.Module | Sequence[nn.Module]) -> None:
+    """Refuse megatron layouts whose adapter names or shards we do not handle (before anything changes).
+
+    Raises:
+        MoRAConfigError: a mixture-of-experts or multi-token-prediction model, or chunks of mixed configs.
+    """
+    for chunk in model_chunks(model):
+        config = getattr(chunk, "config", None)
+        if not _is_megatron(chunk) or config is None:
+            continue
+        if getattr(config, "num_moe_experts", None):
+            raise MoRAConfigError(
+                f"num_moe_experts={config.num_moe_experts}: mixture-of-experts megatron models are not supported "
+                "(expert layers are numbered and sharded per expert-parallel rank); use a dense model"
+            )
+        if getattr(config, "mtp_num_layers", None):
+            raise MoRAConfigError(
+                f"mtp_num_layers={config.mtp_num_layers}: multi-token-prediction layers are not supported; build "
+                "the model without them"
+            )
+
+
+def pipeline_group(model: nn.Module | Sequence[nn.Module]) -> dist.ProcessGroup | None:
+    """The model's pipeline-parallel group when it has more than one stage, else None."""
+    group = getattr(model_chunks(model)[0], "pp_group", None)
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def tensor_group(model: nn.Module | Sequence[nn.Module]) -> dist.ProcessGroup | None:
+    """The model's tensor-parallel group when it has more than one rank, else None."""
+    group = getattr(model_chunks(model)[0], "tp_group", None)
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def all_gather(value: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    """Every stage's ``value`` (picklable; tensors on CPU), in stage order; ``[value]`` without a group."""
+    if group is None:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def unmatched_everywhere(unmatched: Iterable[str], group: dist.ProcessGroup | None) -> list[str]:
+    """The entries of ``unmatched`` (this stage's) that no stage of ``group`` matched, in first-seen order."""
+    per_stage = [list(u) for u in all_gather(list(unmatched), group)]
+    common = set.intersection(*(set(u) for u in per_stage))
+    return [entry for entry in per_stage[0] if entry in common]
+
+
+def raise_if_any(problems: list[str], group: dist.ProcessGroup | None, error: type[Exception], head: str) -> None:
+    """Raise ``error`` on every stage when any stage found a problem (so no stage goes on alone and hangs)."""
+    found = [p for stage in all_gather(problems, group) for p in stage]
+    if found:
+        unique = list(dict.fromkeys(found))
+        raise error(head + "; ".join(unique[:5]) + (f" (and {len(unique) - 5} more)" if len(unique) > 5 else ""))
+
+
+def merge_stage_dicts(state: dict[str, torch.Tensor], group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """The union of every stage's ``{global name: tensor}`` (every stage receives it)."""
+    merged: dict[str, torch.Tensor] = {}
+    for part in all_gather({k: v.cpu() for k, v in state.items()}, group):
+        merged.update(part)
+    return merged
+
+
+def sum_over(values: list[int], group: dist.ProcessGroup | None) -> list[int]:
+    """Element-wise sum of integer counts over ``group`` (identity without one)."""
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    return [int(v) for v in torch.stack([torch.as_tensor(x) for x in all_gather(t, group)]).sum(0).tolist()]
+
+
+def global_param(param: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The TP = 1 value of a parameter: megatron's tensor-parallel shards (``tensor_model_parallel``, split along
+    ``partition_dim`` in ``partition_stride`` chunks per rank) all-gathered; a replicated one as it is. CPU."""
+    from mora_dist.parallel.layouts import partition_ids
+
+    local = param.detach()
+    if group is None or not getattr(param, "tensor_model_parallel", False):
+        return local.cpu()
+    dim, stride, tp = param.partition_dim, getattr(param, "partition_stride", 1), dist.get_world_size(group)
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.contiguous(), group=group)
+    size = local.shape[dim] * tp
+    full = torch.empty(*(size if d == dim else n for d, n in enumerate(local.shape)), dtype=local.dtype)
+    for t, shard in enumerate(shards):
+        full.index_copy_(dim, partition_ids(size, tp, t, stride=stride), shard.cpu())
+    return full
+
+
+def local_param(value: torch.Tensor, param: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's shard of the TP = 1 ``value`` of ``param`` (inverse of :func:`global_param`)."""
+    from mora_dist.parallel.layouts import partition_ids
+
+    if group is None or not getattr(param, "tensor_model_parallel", False):
+        return value
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    ids = partition_ids(value.shape[dim], dist.get_world_size(group), dist.get_rank(group), stride=stride)
+    return value.index_select(dim, ids)
