@@ -132,7 +132,7 @@ def test_unload_and_merge_mora_fold_the_residual_into_the_exported_weight():
             layer.mora_M.data.normal_(std=1e-3)
             residual = getattr(layer, RESIDUAL)
             exact[name] = (layer.base_layer.weight.double() + residual.double()
-                           + layer.delta_weight().double())
+                           + layer.delta_weight().detach().double())
         if step < 2:
             assert merge_mora(model) == len(exact)
     unload(model, merge=True)
