@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -55,13 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
-    """Everything that can be checked before a process group: the config, the world size, the output dir."""
+    """Everything that can be checked before a process group: the config, the world size, the data, the output
+    dir."""
+    from mora_dist.data.validate import check_sources
+
     cfg = load_run_config(args.config, args.set)
     world = args.world_size if args.check and args.world_size else int(os.environ.get("WORLD_SIZE", "1"))
     accum = check_world(cfg, world)
     from mora_dist.data.hub import check_hub
 
     check_hub(cfg)  # hf:// sources / tokenizer: fail here, not on every rank, when the hub is out of reach
+    check_sources(cfg.data.sources)
     ckpt_dir = Path(cfg.training.output_dir) / "checkpoints"
     if not args.resume and list_checkpoints(ckpt_dir):
         raise RunConfigError(f"training.output_dir={cfg.training.output_dir!r} already holds checkpoints: pass "
@@ -111,12 +116,35 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from mora_dist.run import build, loop
+    from mora_dist.run import build
+    from mora_dist.run.failures import PeerFailed
 
+    out = Path(cfg.training.output_dir)
+    created = not out.exists()
     build.init_distributed(cpu_threads=cfg.training.cpu_threads)
     rank = dist.get_rank()
     setup_logging(cfg, rank)
+    try:
+        train(args, cfg, accum, rank)
+    except (MoRAConfigError, PeerFailed) as exc:
+        # A data problem met by some rank (all ranks agreed to stop, see mora_dist.run.failures): the rank that
+        # met it says so, last; the others leave quietly. A run that never reached a checkpoint leaves nothing.
+        if rank == 0 and created and not list_checkpoints(out / "checkpoints"):
+            shutil.rmtree(out, ignore_errors=True)
+        if not isinstance(exc, PeerFailed):
+            print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # no interpreter teardown: engine threads and the process group must not hang the exit
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def train(args: argparse.Namespace, cfg: RunConfig, accum: int, rank: int) -> None:
     import datasets
+    import torch.distributed as dist
+
+    from mora_dist.run import build, loop
 
     if rank != 0:
         datasets.disable_progress_bars()  # rank 0 shows tokenisation progress
@@ -139,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = loop.Trainer(cfg, engine, callbacks, backend, resume=args.resume)
     start = time.perf_counter()
     trainer.run(tokenizer)
-    logger.info("finished %d steps in %.1fs", cfg.training.max_steps, time.perf_counter() - start)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    logger.info("finished %d steps in %.1fs", trainer.step - trainer.start_step, time.perf_counter() - start)
+    out = cfg.training.output_dir
+    logger.info("%s", trainer.summary(f"python launch/export.py --run {out} --out exported/{Path(out).name}"))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,16 @@ def export_in_process(*args: str) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(list(args)) == 0
+
+
+def raw_scalar_steps(run_dir: str | Path) -> dict[str, list[int]]:
+    """``tag -> steps`` exactly as written in the event files (no reader-side purging), in file order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out: dict[str, list[int]] = {}
+    for path in sorted((Path(run_dir) / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append(event.step)
+    return out
+

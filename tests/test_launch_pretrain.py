@@ -7,12 +7,23 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import transformers
-from launch_helpers import FAST, RUN_TIMEOUT_S, TINY, env, export_in_process, launch_cmd, run, scalars
+from launch_helpers import (
+    FAST,
+    RUN_TIMEOUT_S,
+    TINY,
+    env,
+    export_in_process,
+    launch_cmd,
+    raw_scalar_steps,
+    run,
+    scalars,
+)
 
 from mora_dist.run.checkpoint import latest_tag, load_hf_run_model
 
@@ -131,6 +142,8 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
     assert sorted(got["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
     assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-5)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    steps = raw_scalar_steps(out)["train/loss"]
+    assert sorted(steps) == list(range(1, 81)), "a step the killed run logged after its checkpoint is in twice"
 
 
 ZERO3_BF16 = [
@@ -228,3 +241,33 @@ def test_bf16_remora_run_reports_merge_residual_and_exports_from_the_fp32_master
     _, exponent = torch.frexp(exact.abs())
     half_step = torch.ldexp(torch.ones_like(exact), exponent - 9)
     assert bool(((exported - exact).abs() <= half_step * (1 + 1e-6)).all())
+
+
+def test_plain_python_runs_one_process_and_a_resume_logs_each_step_once(tmp_path):
+    """Catches: ``python launch/pretrain.py`` without a launcher failing on MPI discovery; a resume that leaves
+    the interrupted run's later steps in TensorBoard a second time; a summary that counts the restored steps
+    or does not say where the results are."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "launch/pretrain.py", "--config", TINY, "--set", "training.max_steps=4",
+           "--set", "training.save_interval=2", "--set", "training.eval_interval=2", "--set",
+           "data.sources.0.eval_blocks=4", "--set", "data.sources.1.eval_blocks=4", "--set",
+           f"training.output_dir={out}"]
+    plain_env = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=plain_env, timeout=RUN_TIMEOUT_S)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "eval " in first.stderr and "(plays " in first.stderr  # per-source eval on the progress line
+    # As if killed after logging step 4 but before its checkpoint was complete.
+    ckpt = out / "checkpoints"
+    shutil.rmtree(ckpt / "step_0000004")
+    (ckpt / "latest").write_text("step_0000002")
+    second = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=plain_env,
+                            timeout=RUN_TIMEOUT_S)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    steps = raw_scalar_steps(out)
+    assert sorted(steps["train/loss"]) == [1, 2, 3, 4], steps["train/loss"]
+    assert sorted(steps["eval/plays/loss"]) == [0, 2, 4], steps["eval/plays/loss"]
+    summary = second.stderr[second.stderr.index("run summary:"):]
+    for text in ("ran steps 3..4 (2 in this run) of 4", "last train loss", "last eval loss", "plays ",
+                 "merges done: 0", f"{out / 'config.json'}", f"{ckpt}", f"tensorboard --logdir {out / 'tensorboard'}",
+                 f"python launch/export.py --run {out}"):
+        assert text in summary, summary

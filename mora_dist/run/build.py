@@ -33,6 +33,7 @@ from mora_dist.data import (
 )
 from mora_dist.data.sources import hub_id
 from mora_dist.run.config import RunConfig
+from mora_dist.run.failures import GuardedReader, agree, explain
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,14 @@ def patch_deepspeed_for_cpu() -> None:
 
 def init_distributed(*, cpu_threads: int | None = None) -> None:
     """``deepspeed.init_distributed`` with NCCL on GPUs, gloo on CPU with ``cpu_threads`` intra-op threads per
-    rank (default: ``$OMP_NUM_THREADS``, else the cores divided among the local ranks)."""
+    rank (default: ``$OMP_NUM_THREADS``, else the cores divided among the local ranks).
+
+    Started without a launcher (plain ``python``, no ``RANK``/``WORLD_SIZE`` and no MPI job around it), it runs
+    as one process, as ``deepspeed`` with one process does, instead of DeepSpeed's MPI discovery.
+    """
     import deepspeed
+
+    _single_process_env()
 
     if torch.cuda.is_available():
         deepspeed.init_distributed(dist_backend="nccl")
@@ -67,6 +74,20 @@ def init_distributed(*, cpu_threads: int | None = None) -> None:
         cpu_threads = max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(cpu_threads)
     deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _single_process_env() -> None:
+    launched = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID")
+    if any(key in os.environ for key in launched):
+        return
+    import socket
+
+    with socket.socket() as s:  # a free port for the one-process rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    logger.info("no launcher found (no RANK/WORLD_SIZE): running as a single process")
 
 
 def device() -> torch.device:
@@ -86,10 +107,14 @@ def build_tokenizer(cfg: RunConfig):
     """Load ``data.tokenizer``; train it from the sources first if it is missing (rank 0, others wait)."""
     path = Path(cfg.data.tokenizer)
     if hub_id(cfg.data.tokenizer) is None and not path.exists():
+        error = None
         if _rank() == 0:
-            sources = [_raw_source(cfg, s) for s in cfg.data.sources if s.format != "megatron"]
-            train_tokenizer((row["text"] for ds in sources for row in ds), cfg.data.tokenizer_vocab_size, path)
-        _barrier()
+            try:
+                sources = [_raw_source(cfg, s) for s in cfg.data.sources if s.format != "megatron"]
+                train_tokenizer((row["text"] for ds in sources for row in ds), cfg.data.tokenizer_vocab_size, path)
+            except Exception as exc:
+                error = explain(exc, *cfg.data.sources)
+        agree(error)  # the barrier, and a failure stops every rank
     return load_tokenizer(cfg.data.tokenizer)
 
 
@@ -128,22 +153,27 @@ def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_s
     """
     readers, eval_sets = [], {}
     for first in (True, False):
+        error = None
         if first == (_rank() == 0):
             for s in cfg.data.sources:
-                train, held_out = _source_blocks(cfg, s, tokenizer)
+                try:
+                    train, held_out = _source_blocks(cfg, s, tokenizer)
+                except Exception as exc:
+                    error = explain(exc, s)
+                    break
                 seed = cfg.training.seed * 1009 + len(readers)
                 if isinstance(train, datasets.IterableDataset):
-                    readers.append(StreamReader(train, seed=seed, shuffle=cfg.data.shuffle,
-                                                buffer=cfg.data.shuffle_buffer, dp_rank=dp_rank, dp_size=dp_size,
-                                                shard_files=s.eval_split is not None))
+                    reader = StreamReader(train, seed=seed, shuffle=cfg.data.shuffle, buffer=cfg.data.shuffle_buffer,
+                                          dp_rank=dp_rank, dp_size=dp_size, shard_files=s.eval_split is not None)
                     logger.info("source %s: streaming, read in %d parts over the data-parallel ranks; %d eval "
                                 "blocks", s.name, dp_size, len(held_out))
                 else:
-                    readers.append(MapReader(train, seed=seed, shuffle=cfg.data.shuffle))
+                    reader = MapReader(train, seed=seed, shuffle=cfg.data.shuffle)
                     logger.info("source %s: %d train blocks (%d tokens), %d eval blocks", s.name, len(train),
                                 len(train) * cfg.data.seq_len, len(held_out))
+                readers.append(GuardedReader(reader, s))  # a bad line met later names its file and line
                 eval_sets[s.name] = held_out
-        _barrier()
+        agree(error)  # the barrier, and a failure stops every rank
     mixture = Mixture([s.weight for s in cfg.data.sources], seed=cfg.training.seed)
     train = ShardedBatches(mixture, readers, micro_batch_size=cfg.training.micro_batch_size, dp_rank=dp_rank,
                            dp_size=dp_size, start_sample=start_sample)
@@ -243,7 +273,13 @@ def scheduler_factory(cfg: RunConfig):
     if s.name == "jagged_cosine":
         from mora_dist.training.schedulers import JaggedCosineLR
 
-        return lambda opt: JaggedCosineLR(opt, total_steps=t.max_steps, first_warmup=s.warmup_steps,
+        total = t.max_steps
+        if total < restart.merge_every:
+            total = restart.merge_every
+            logger.warning("training.max_steps=%d is shorter than one merge cycle (%d steps): no merge happens; the "
+                           "learning rate follows the first %d steps of a %d-step schedule", t.max_steps, total,
+                           t.max_steps, total)
+        return lambda opt: JaggedCosineLR(opt, total_steps=total, first_warmup=s.warmup_steps,
                                           restart_warmup=s.restart_warmup_steps, cycle_length=restart.merge_every,
                                           min_lr_ratio=s.min_lr_ratio)
     factor = _WarmupCosine(s.warmup_steps, t.max_steps, s.min_lr_ratio, decay=s.name == "cosine")

@@ -306,7 +306,7 @@ def _check_restarts(cfg: RunConfig, out: list[str]) -> None:
     if restart is None or s.name != "jagged_cosine":
         return
     T = restart.merge_every
-    if t.max_steps % T:
+    if t.max_steps % T and t.max_steps > T:  # a trial shorter than one cycle runs the first steps of one cycle
         out.append(f"training.max_steps={t.max_steps} is not a multiple of {key}.merge_every={T}: the jagged "
                    f"cosine ends at the end of a cycle; use {-(-t.max_steps // T) * T}")
     if s.warmup_steps > T:

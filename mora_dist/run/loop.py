@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mora_dist.run import build
 from mora_dist.run.checkpoint import load_latest, save_checkpoint
 from mora_dist.run.config import RunConfig
+from mora_dist.run.failures import agree
 from mora_dist.training.callbacks import CLIENT_STATE_KEY
 from mora_dist.training.metrics import ProgressLine, make_metric_logger, perplexity
 
@@ -92,8 +93,7 @@ class Trainer:
         out = Path(cfg.training.output_dir)
         self.ckpt_dir = out / "checkpoints"
         self.rank = dist.get_rank()
-        self.metrics = make_metric_logger(rank=self.rank, enabled=cfg.logging.tensorboard,
-                                          log_dir=cfg.logging.log_dir or str(out / "tensorboard"))
+        self.log_dir = cfg.logging.log_dir or str(out / "tensorboard")
         self.step, self.tokens_seen = 0, 0
         if resume:
             state = load_latest(engine, self.ckpt_dir)
@@ -104,6 +104,11 @@ class Trainer:
             if state["samples_consumed"] != self.step * cfg.training.global_batch_size:
                 raise RuntimeError(f"checkpoint at step {self.step} consumed {state['samples_consumed']} samples, "
                                    f"not step x global_batch_size; resume with the same training batch sizes")
+        # A resumed run first drops what the interrupted one logged after this checkpoint (each step once).
+        self.metrics = make_metric_logger(rank=self.rank, enabled=cfg.logging.tensorboard, log_dir=self.log_dir,
+                                          resume_step=self.step if resume else None)
+        self.start_step = self.step
+        self.last: dict[str, float] = {}  # the latest value of every logged figure, for the summary
 
     def _client_state(self) -> dict[str, Any]:
         state = {"step": self.step, "samples_consumed": self.step * self.cfg.training.global_batch_size,
@@ -130,13 +135,28 @@ class Trainer:
         progress = ProgressLine(total_steps=t.max_steps, start_step=self.step,
                                 enabled=self.rank == 0 and cfg.logging.progress == "line")
         if self.step == 0 and t.eval_interval:
-            self.metrics.log_dict(self.evaluate(data.eval_sets), 0)
+            logs = self.evaluate(data.eval_sets)
+            self.metrics.log_dict(logs, 0)
+            self.last.update(logs)
+            logger.info("step 0 | %s", _eval_text(logs, data.eval_sets))
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        try:
+            self._train(data, accum, progress, tokens_per_step)
+        finally:  # also when a rank failed: the event file is complete up to the last logged step
+            self.metrics.close()
+
+    def _train(self, data, accum: int, progress: ProgressLine, tokens_per_step: int) -> None:
+        t, engine = self.cfg.training, self.engine
         while self.step < t.max_steps:
             start = time.perf_counter()
             losses = []
-            for _ in range(accum):
-                batch, _sources = next(data.train)
+            batches, error = [], None
+            try:
+                batches = [next(data.train)[0] for _ in range(accum)]
+            except Exception as exc:
+                error = exc
+            agree(error)  # before any collective of the step: a rank that cannot read stops every rank
+            for batch in batches:
                 loss, _ = self.backend.loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
@@ -158,10 +178,39 @@ class Trainer:
                 logs.update(self.evaluate(data.eval_sets))
             if logs:
                 self.metrics.log_dict(logs, self.step)
-            extra = f"eval {logs['eval/loss']:.4f}" if "eval/loss" in logs else ""
+                self.last.update(logs)
+            extra = _eval_text(logs, data.eval_sets)
             if "remora/merges" in logs or "relora/merges" in logs:
                 extra += " | merged"
             progress.update(self.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / elapsed, extra=extra)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
                 save_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
-        self.metrics.close()
+
+    def summary(self, export_command: str) -> str:
+        """What this invocation did and where its results are (printed by the launcher on rank 0)."""
+        cfg, out = self.cfg, Path(self.cfg.training.output_dir)
+        merges = sum(int(getattr(cb, "merges", 0)) for cb in getattr(self.callbacks, "callbacks", []))
+        lines = [f"ran steps {self.start_step + 1}..{self.step} ({self.step - self.start_step} in this run) of "
+                 f"{cfg.training.max_steps}" if self.step > self.start_step else
+                 f"no steps run: the checkpoint is already at step {self.step} of {cfg.training.max_steps}"]
+        if "train/loss" in self.last:
+            lines.append(f"last train loss {self.last['train/loss']:.4f}")
+        evals = {k.split("/")[1]: v for k, v in self.last.items() if k.startswith("eval/") and k.count("/") == 2}
+        if "eval/loss" in self.last:
+            lines.append(f"last eval loss {self.last['eval/loss']:.4f} ("
+                         + ", ".join(f"{name} {value:.4f}" for name, value in evals.items()) + ")")
+        if cfg.remora is not None or cfg.relora is not None:
+            lines.append(f"merges done: {merges}")
+        lines += [f"config:      {out / 'config.json'}", f"checkpoints: {self.ckpt_dir} (latest: step {self.step})"]
+        if cfg.logging.tensorboard:
+            lines.append(f"tensorboard: tensorboard --logdir {self.log_dir}")
+        lines.append(f"export:      {export_command}")
+        return "\n  ".join(["run summary:", *lines])
+
+
+def _eval_text(logs: dict[str, float], eval_sets: dict) -> str:
+    """``eval 5.1234 (plays 5.0012, poems 5.4321)`` when ``logs`` holds an evaluation, else ``""``."""
+    if "eval/loss" not in logs:
+        return ""
+    per_source = ", ".join(f"{name} {logs[f'eval/{name}/loss']:.4f}" for name in eval_sets)
+    return f"eval {logs['eval/loss']:.4f}" + (f" ({per_source})" if len(eval_sets) > 1 else "")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
@@ -40,14 +42,49 @@ class NullLogger:
         return None
 
 
+def drop_events_after(log_dir: str | os.PathLike, step: int) -> int:
+    """Rewrite the event files under ``log_dir`` without the events of steps after ``step`` (each file replaced
+    atomically); returns how many events were dropped.
+
+    A run killed after its last checkpoint logged steps that its resumed run logs again; readers would show
+    both (``purge_step`` only hides them from readers that honour it).
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    dropped = 0
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        keep = [r for r in records if Event.FromString(r).step <= step]
+        if len(keep) == len(records):
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as fh:
+            writer = RecordWriter(fh)
+            for record in keep:
+                writer.write(record)
+        os.replace(tmp, path)
+        dropped += len(records) - len(keep)
+    if dropped:
+        logger.info("resume at step %d: dropped %d TensorBoard events of later steps from the interrupted run",
+                    step, dropped)
+    return dropped
+
+
 class TensorBoardLogger:
     """Scalars to TensorBoard event files in ``log_dir``; flushed after each ``log_dict`` so a killed run keeps
-    everything it logged up to its last step."""
+    everything it logged up to its last step. With ``resume_step`` (a resumed run), events of later steps are
+    first dropped from the existing files, so every step appears once."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, *, resume_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=log_dir)
+        purge_step = None
+        if resume_step is not None:
+            drop_events_after(log_dir, resume_step)
+            purge_step = resume_step + 1  # a TensorBoard already watching hides the old steps too
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def log(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, float(value), step)
@@ -61,9 +98,9 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def make_metric_logger(*, rank: int, enabled: bool, log_dir: str) -> MetricLogger:
-    """TensorBoard on rank 0 when ``enabled``, else a ``NullLogger``."""
-    return TensorBoardLogger(log_dir) if enabled and rank == 0 else NullLogger()
+def make_metric_logger(*, rank: int, enabled: bool, log_dir: str, resume_step: int | None = None) -> MetricLogger:
+    """TensorBoard on rank 0 when ``enabled`` (continuing after ``resume_step`` when given), else a ``NullLogger``."""
+    return TensorBoardLogger(log_dir, resume_step=resume_step) if enabled and rank == 0 else NullLogger()
 
 
 def perplexity(loss: float) -> float:
