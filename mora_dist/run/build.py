@@ -10,6 +10,7 @@ import importlib
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,46 @@ def apply_adapters(cfg: RunConfig, model: nn.Module) -> nn.Module:
         apply_lora(model, lo.target_modules, r=lo.r, lora_alpha=lo.lora_alpha, dropout=lo.dropout,
                    exclude_modules=lo.exclude_modules, modules_to_save=lo.modules_to_save,
                    merge_compensation=lo.merge_compensation)
+    warn_if_adapters_outgrow(model)
     return model
+
+
+def resolve_torch_adam(setting: bool | None) -> bool:
+    """``optimizer.torch_adam``; when unset, ``True`` (torch's AdamW) where DeepSpeed's fused Adam is not
+    prebuilt and would be JIT-compiled: on CPU (a C++ build of minutes) or without ``nvcc`` (it would fail)."""
+    if setting is not None:
+        return setting
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        prebuilt = bool(installed_ops.get("fused_adam"))
+    except ImportError:
+        prebuilt = False
+    if prebuilt:
+        return False
+    cuda_home_nvcc = Path(os.environ.get("CUDA_HOME") or "/nonexistent", "bin", "nvcc")
+    if not torch.cuda.is_available():
+        reason = "no CUDA: DeepSpeed would compile its C++ Adam for the CPU first (minutes)"
+    elif shutil.which("nvcc") is None and not cuda_home_nvcc.exists():
+        reason = "no nvcc to compile DeepSpeed's fused CUDA Adam"
+    else:
+        return False
+    logger.info("optimizer.torch_adam unset: using torch's AdamW (%s); set it to false to force the fused op", reason)
+    return True
+
+
+def warn_if_adapters_outgrow(model: nn.Module) -> None:
+    """Warn when the adapters hold more parameters than the layers they adapt (e.g. a large ``r`` on a small
+    model): the run then trains more than full fine-tuning of those layers would."""
+    adapter = base = 0
+    for module in model.modules():
+        own = [p for n, p in module.named_parameters(recurse=False) if n.startswith(("mora_", "lora_"))]
+        if own and isinstance(getattr(module, "base_layer", None), nn.Module):
+            adapter += sum(p.numel() for p in own)
+            base += sum(p.numel() for p in module.base_layer.parameters())
+    if adapter > base:
+        logger.warning("the adapters hold %s parameters, more than the %s of the layers they adapt: lower mora.r "
+                       "(or lora.r) for this model size", f"{adapter:,}", f"{base:,}")
 
 
 def deepspeed_config(cfg: RunConfig, accum: int, *, load_universal: bool = False) -> dict[str, Any]:
@@ -240,7 +280,8 @@ def deepspeed_config(cfg: RunConfig, accum: int, *, load_universal: bool = False
         gradient_accumulation_steps=accum,
         gradient_clipping=t.max_grad_norm,
         optimizer={"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
-                                                "weight_decay": o.weight_decay, "torch_adam": o.torch_adam}},
+                                                "weight_decay": o.weight_decay,
+                                                "torch_adam": resolve_torch_adam(o.torch_adam)}},
     )
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)

@@ -94,7 +94,7 @@ class OptimizerSection(_Section):
     betas: list[float] = Field(default=[0.9, 0.95], min_length=2, max_length=2)
     eps: float = 1e-8
     weight_decay: float = Field(default=0.0, ge=0.0)
-    torch_adam: bool = False
+    torch_adam: bool | None = None  # None: torch's AdamW where DeepSpeed's fused Adam would need a JIT build
 
 
 class SchedulerSection(_Section):
