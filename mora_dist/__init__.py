@@ -1,4 +1,7 @@
-"""mora_dist: MoRA and ReMoRA for Hugging Face, megatron-core and DeepSpeed. Spec: ``MORA_SPEC.md``."""
+"""mora_dist: MoRA and ReMoRA for Hugging Face, megatron-core and DeepSpeed.
+
+Spec: ``docs/spec.md`` (docstrings cite its sections as ``Spec: §N``).
+"""
 
 from mora_dist.adapter_io import load_mora, save_mora
 from mora_dist.config import MoRAConfig

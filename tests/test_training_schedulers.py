@@ -12,7 +12,7 @@ W1, WR, T, N, ETA = 10, 5, 100, 400, 0.1
 
 
 def _spec_jagged(s):
-    """MORA_SPEC §3.1, written out independently of the implementation."""
+    """docs/spec.md §3.1, written out independently of the implementation."""
     if s < W1:
         return s / W1
     rho, kappa = s % T, s // T
