@@ -12,6 +12,13 @@ Commands::
 ``--tag step_0000120`` picks a checkpoint other than ``latest``. ``--format`` (with ``--adapter-only``): ``mora``
 (our files, default), ``peft-lora`` (a standard PEFT LoRA, exact for types 1-4 and LoRA) or ``mora-authors``
 (the MoRA authors' PEFT fork). The tokenizer of the run is saved alongside.
+``--state-dict`` takes the weights from DeepSpeed's ``zero_to_fp32.py`` output instead (a ZeRO-3 checkpoint's
+model states hold no weights); keys such as ``...q_proj.base_layer.weight`` and ``...q_proj.mora_M`` are folded
+into plain ``...q_proj.weight``::
+
+    python runs/remora_tiny/checkpoints/zero_to_fp32.py runs/remora_tiny/checkpoints fp32/ -t step_0000160
+    python launch/export.py --run runs/remora_tiny --tag step_0000160 --state-dict fp32/ --out exported/remora_tiny
+
 Spec: §2.4, §2.5, §4.
 """
 
@@ -86,7 +93,7 @@ def _kept_cycles(run_dir: str, tag: str | None, cfg) -> list:
 
 
 def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool = False, fmt: str = "mora",
-           since_start: bool = False) -> Path:
+           since_start: bool = False, state_dict: str | None = None) -> Path:
     """Write the export of ``run_dir`` to ``out``; returns ``out``."""
     from mora_dist.data import load_tokenizer
     from mora_dist.run.checkpoint import load_hf_run_model, read_run_config
@@ -95,11 +102,17 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
     out_path = Path(out)
     _check_format(cfg, run_dir, adapter_only, fmt, since_start)
     if cfg.model.backend == "megatron":
+        if state_dict is not None:
+            raise MoRAConfigError(f"--state-dict reads zero_to_fp32.py output of a Hugging Face backend run; run "
+                                  f"{run_dir!r} is backend 'megatron': export it without --state-dict")
         from mora_dist.run.megatron import export_megatron_run
 
         model = export_megatron_run(run_dir, tag=tag, adapter_only=adapter_only)
     else:
-        _, model = load_hf_run_model(run_dir, tag)
+        from mora_dist.run.checkpoint import read_state_dict
+
+        weights = read_state_dict(state_dict) if state_dict is not None else None
+        _, model = load_hf_run_model(run_dir, tag, state_dict=weights)
     if adapter_only and fmt == "peft-lora":
         from mora_dist.export_formats import save_peft_lora
 
@@ -131,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="mora", choices=FORMATS, help="adapter format (with --adapter-only)")
     p.add_argument("--since-start", action="store_true",
                    help="peft-lora of the whole run (kept merge cycles + live adapter) over the starting weights")
+    p.add_argument("--state-dict", default=None,
+                   help="weights from DeepSpeed's zero_to_fp32.py output (file or folder) instead of the checkpoint's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     try:
         export(args.run, args.out, tag=args.tag, adapter_only=args.adapter_only, fmt=args.format,
-               since_start=args.since_start)
+               since_start=args.since_start, state_dict=args.state_dict)
     except (MoRAConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

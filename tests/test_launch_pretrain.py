@@ -271,3 +271,18 @@ def test_plain_python_runs_one_process_and_a_resume_logs_each_step_once(tmp_path
                  "merges done: 0", f"{out / 'config.json'}", f"{ckpt}", f"tensorboard --logdir {out / 'tensorboard'}",
                  f"python launch/export.py --run {out}"):
         assert text in summary, summary
+
+
+def test_zero_to_fp32_output_exports_to_a_plain_model(tiny_run, tmp_path):
+    """Catches: DeepSpeed's zero_to_fp32.py state dict (``base_layer`` / ``mora_M`` keys) with no way to a plain
+    model, or one folded with the wrong MoRA type (step 70 is after three ReMoRA switches)."""
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    out, _ = tiny_run
+    convert_zero_checkpoint_to_fp32_state_dict(str(out / "checkpoints"), str(tmp_path / "fp32"), tag="step_0000070")
+    export_in_process("--run", str(out), "--tag", "step_0000070", "--state-dict", str(tmp_path / "fp32"),
+                      "--out", str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    _, model = load_hf_run_model(out, "step_0000070")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 8]])
+    torch.testing.assert_close(_logits(hf, ids), _logits(model, ids), atol=1e-4, rtol=1e-4)

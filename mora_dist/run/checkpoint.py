@@ -196,9 +196,36 @@ def current_mora_type(client_state: dict[str, Any]) -> int | None:
     return None
 
 
-def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None):
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A full module state dict from a file (``.safetensors``, or a ``torch.save`` file such as
+    ``pytorch_model.bin``) or a folder of them (shards), e.g. what DeepSpeed's ``zero_to_fp32.py`` writes."""
+    import torch
+
+    p = Path(path)
+    files = [p] if p.is_file() else (sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+                                     or sorted(p.glob("*.pt")))
+    if not files:
+        raise FileNotFoundError(f"--state-dict {str(path)!r}: no .safetensors/.bin/.pt file there; give the output "
+                                "of DeepSpeed's zero_to_fp32.py (a file or its folder)")
+    state: dict[str, Any] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(f)))
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None, *, state_dict: dict[str, Any] | None = None):
     """``(cfg, model)``: the Hugging Face backend's training model (adapters unmerged) as of checkpoint ``tag``,
-    trainable parameters from the fp32 masters in a bf16/fp16 run (:func:`read_fp32_masters`)."""
+    trainable parameters from the fp32 masters in a bf16/fp16 run (:func:`read_fp32_masters`).
+
+    ``state_dict`` (e.g. from :func:`read_state_dict` on ``zero_to_fp32.py`` output, needed under ZeRO-3 where
+    the model states file holds no weights) replaces the checkpoint's module weights; the checkpoint still gives
+    the MoRA type ReMoRA had reached (its trainable values are fp32 masters already).
+    """
     from mora_dist.model import set_mora_type
     from mora_dist.run.build import build_hf_model
 
@@ -208,11 +235,14 @@ def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None):
 
     eos = load_tokenizer(Path(run_dir) / "tokenizer").eos_token_id
     model = build_hf_model(cfg, cfg.model.vocab_size, eos)
-    model.load_state_dict(states["module"], strict=True)
-    masters = read_fp32_masters(run_dir, tag)  # the exact adapter values merges read, not their bf16 copies
-    unexpected = model.load_state_dict(masters, strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"fp32 masters of {run_dir} name parameters the model lacks: {unexpected[:5]}")
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    else:
+        model.load_state_dict(states["module"], strict=True)
+        masters = read_fp32_masters(run_dir, tag)  # the exact adapter values merges read, not their bf16 copies
+        unexpected = model.load_state_dict(masters, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"fp32 masters of {run_dir} name parameters the model lacks: {unexpected[:5]}")
     mora_type = current_mora_type(states)
     if mora_type is not None:
         set_mora_type(model, mora_type)
