@@ -165,6 +165,7 @@ class Trainer:
             self.tokens_seen += tokens_per_step
             logs = self.callbacks.on_step_end(engine) or {}
             (loss,) = self._mean_over_dp([sum(losses) / len(losses)])
+            self.last["train/loss"] = loss  # for the summary, also between log_interval steps
             elapsed = time.perf_counter() - start
             lr = engine.get_lr()[0]
             grad_norm = engine.get_global_grad_norm()
@@ -179,9 +180,8 @@ class Trainer:
             if logs:
                 self.metrics.log_dict(logs, self.step)
                 self.last.update(logs)
-            extra = _eval_text(logs, data.eval_sets)
-            if "remora/merges" in logs or "relora/merges" in logs:
-                extra += " | merged"
+            merged = "merged" if "remora/merges" in logs or "relora/merges" in logs else ""
+            extra = " | ".join(x for x in (_eval_text(logs, data.eval_sets), merged) if x)
             progress.update(self.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / elapsed, extra=extra)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
                 save_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
