@@ -3,6 +3,7 @@
 Commands::
 
     deepspeed launch/pretrain.py --config configs/remora_tiny.json                 # 2-core CPU, ~2 minutes
+    python launch/pretrain.py --config configs/remora_tiny.json --set training.max_steps=4   # one process
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/remora_tiny.json
     deepspeed launch/pretrain.py --config configs/remora_250m.json   # C4 + T5 tokenizer streamed from the hub
     deepspeed --hostfile hosts launch/pretrain.py --config configs/remora_250m.json --set data.sources.0.path=/c4 \
@@ -13,7 +14,9 @@ Commands::
 ``--set key.sub=value`` overrides any field (JSON values; lists indexed as ``data.sources.0.weight``). The
 config is validated, against the world size too, before any process group exists; ``--check`` stops there.
 Outputs go to ``training.output_dir``: ``config.json`` (resolved), ``tokenizer/``, ``checkpoints/`` (atomic, the
-last ``keep_last`` kept) and ``tensorboard/``. Export with ``launch/export.py``.
+last ``keep_last`` kept) and ``tensorboard/``. Export with ``launch/export.py``. Every local data file is sampled
+before anything starts (``mora_dist.data.validate``); a bad record met later stops every rank, reported once by
+the rank that read it (``mora_dist.run.failures``). The run ends with a summary of what it did and where it is.
 
 Spec: §3, §4, §5.
 """
