@@ -85,6 +85,16 @@ def test_sample_limit_and_full_scan(tmp_path):
     assert locate_problem(cfg.data.sources[1]) is None
 
 
+def test_megatron_prefix_files_are_checked_like_any_other(tmp_path):
+    """A Megatron indexed source whose .idx is empty is refused up front, naming that file."""
+    (tmp_path / "corpus_text_document.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "corpus_text_document.idx").write_bytes(b"")
+    cfg = load_run_config(TINY, [f"data.sources.0.path={tmp_path / 'corpus_text_document'}",
+                                 "data.sources.0.format=megatron"])
+    with pytest.raises(DataSourceError, match=r"corpus_text_document\.idx: is empty"):
+        check_sources(cfg.data.sources)
+
+
 def test_launcher_cli_exits_2_on_bad_data(tmp_path):
     """The real command line: exit status 2 and the message on stderr, no output folder."""
     bad = tmp_path / "bad.jsonl"

@@ -183,13 +183,9 @@ def register_format_check(builder: str, check: FormatCheck) -> None:
 
 def _check_source(source, *, limit: int | None) -> None:
     """One config ``DataSource``. Hub datasets and local copies in the hub's layout are read by ``datasets``'
-    own loader and not checked here; a format outside ``list_files`` (e.g. ``megatron``) is checked by its
-    registered check, given the source's path, if there is one."""
+    own loader and not checked here. Every file ``list_files`` names (a Megatron prefix's ``.bin``/``.idx`` too)
+    must exist and be non-empty; its contents are checked where a check is registered for its builder."""
     if reads_like_hub(source.path, source.hub_config, source.eval_split):
-        return
-    if source.format not in ("auto", "text", "jsonl", "parquet"):
-        if source.format in _CHECKS:
-            _CHECKS[source.format](source.name, Path(source.path), source.text_field, limit)
         return
     try:
         builder, files = list_files(source.path, source.format)
