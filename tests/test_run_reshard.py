@@ -29,7 +29,7 @@ def test_saved_size_is_the_zero_shard_count(tmp_path):
 
 
 @pytest.mark.parametrize("config, sets, message", [
-    (TINY, ["data.streaming=true"], "data.streaming=true: each rank's position"),
+    (TINY, ["data.streaming=true"], "data.streaming=true (sources ['plays', 'poems']): each rank's position"),
     (TINY, ['deepspeed={"zero_optimization": {"stage": 3}}'], "stage=3: resuming at another data-parallel size"),
     ("configs/remora_tiny_megatron_tp2.json", [], "backend 'hf' only"),
 ], ids=["streaming", "zero3", "megatron"])

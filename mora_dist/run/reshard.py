@@ -61,9 +61,10 @@ def check_resume_dp(cfg: RunConfig, ckpt_dir: str | os.PathLike, dp_size: int) -
     if stage == 3:
         problems.append("deepspeed.zero_optimization.stage=3: resuming at another data-parallel size is supported "
                         "for ZeRO stages 0, 1 and 2")
-    if cfg.data.streaming:
-        problems.append("data.streaming=true: each rank's position in its part of a stream depends on the "
-                        "data-parallel size; resume a streaming run at the size that wrote it")
+    streamed = [s.name for s in cfg.data.sources if cfg.data.streaming and s.format != "megatron"]
+    if streamed:
+        problems.append(f"data.streaming=true (sources {streamed}): each rank's position in its part of a stream "
+                        "depends on the data-parallel size; resume a streaming run at the size that wrote it")
     if problems:
         raise RunConfigError(f"cannot resume: {where}:\n  - " + "\n  - ".join(problems) + f"\n  ({fix})")
     logger.info("%s: resuming through a DeepSpeed universal checkpoint", where)
