@@ -1,7 +1,6 @@
 """Packing: documents joined with EOS, full blocks only, nothing lost or reordered inside a map batch."""
 
 import datasets
-import torch
 
 from mora_dist.data import load_tokenizer, pack_token_lists, tokenize_and_pack
 
@@ -42,17 +41,20 @@ def test_tokenised_corpus_is_cached_across_loads(tmp_path):
 
 
 def test_sources_are_tokenised_once_in_parallel_and_reloaded_from_the_cache(tmp_path, caplog):
-    """Catches a second run tokenising again (a cache key that changes between runs, e.g. after the tokenizer
-    was used): the second ``build_data`` over the same corpus writes no cache file and rewrites none, and each
-    source's token count is logged."""
+    """Catches a second run tokenising again (a cache key that differs between processes): a second
+    ``build_data`` in a fresh process over the same corpus writes no cache file and rewrites none, and reads the
+    same blocks; each source's token count is logged."""
     import logging
+    import os
+    import subprocess
+    import sys
 
     from mora_dist.run.build import build_data
     from mora_dist.run.config import load_run_config
 
     cache = tmp_path / "cache"
-    cfg = load_run_config("configs/remora_tiny.json", [f"data.cache_dir={cache}", "data.num_proc=2",
-                                                       f"training.output_dir={tmp_path / 'run'}"])
+    sets = [f"data.cache_dir={cache}", "data.num_proc=2", f"training.output_dir={tmp_path / 'run'}"]
+    cfg = load_run_config("configs/remora_tiny.json", sets)
     tok = load_tokenizer(TOKENIZER)
 
     def packed_files():
@@ -62,10 +64,19 @@ def test_sources_are_tokenised_once_in_parallel_and_reloaded_from_the_cache(tmp_
         first = build_data(cfg, tok, dp_rank=0, dp_size=1, start_sample=0)
     after_first = packed_files()
     assert len(after_first) >= 4  # two sources x two worker shards
-    tok("warm the tokenizer up", padding=False)["input_ids"]
-    second = build_data(cfg, tok, dp_rank=0, dp_size=1, start_sample=0)
+    second_run = (
+        "from mora_dist.data import load_tokenizer\n"
+        "from mora_dist.run.build import build_data\n"
+        "from mora_dist.run.config import load_run_config\n"
+        f"cfg = load_run_config('configs/remora_tiny.json', {sets!r})\n"
+        f"data = build_data(cfg, load_tokenizer({TOKENIZER!r}), dp_rank=0, dp_size=1, start_sample=0)\n"
+        "print(next(data.train)[0].sum().item())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", second_run], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
     assert packed_files() == after_first
-    assert second.eval_sets == first.eval_sets and torch.equal(next(second.train)[0], next(first.train)[0])
+    assert int(out.stdout.split()[-1]) == int(next(first.train)[0].sum())
     counts = [r.getMessage() for r in caplog.records if "train blocks" in r.getMessage()]
     assert len(counts) == 2 and all(f"({n} tokens)" in m for m, n in zip(counts, [
         len(first.train.readers[i].ds) * 128 for i in range(2)]))

@@ -1,15 +1,14 @@
 """Tokenise and pack: documents joined with EOS and cut into full blocks of ``seq_len`` tokens.
 
 Runs as one batched ``datasets.map``: for map-style datasets in ``num_proc`` worker processes with a progress bar,
-written once to the ``datasets`` cache (``data.cache_dir``) under a fingerprint of the raw data, the tokenizer and
-``seq_len``, so a second run (or another rank) loads the packed blocks instead of tokenising again; for streaming
+written once to the ``datasets`` cache (``data.cache_dir``) under the fingerprint ``datasets`` derives from the raw
+data and this function with its tokenizer and ``seq_len`` (the same in every process; tested), so a second run (or
+another rank) loads the packed blocks instead of tokenising again; for streaming
 datasets lazily, as the stream is read. The tail of each map batch shorter than a block is dropped, as in the
 Hugging Face ``group_texts`` recipe; with batches of 1,000 documents that is well under 1% of the tokens.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -40,18 +39,6 @@ def pack_token_lists(docs: list[list[int]], seq_len: int, eos_id: int) -> dict[s
     return {"input_ids": [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
 
 
-def pack_fingerprint(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
-    """Cache key of the packed blocks: the raw data's fingerprint, the tokenizer's full state, ``seq_len``.
-
-    Explicit because ``datasets`` would hash the tokenizer object, which does not give the same key in every
-    process, and a changed key silently tokenises again.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    key = "|".join([ds._fingerprint, state, str(tokenizer.eos_token_id), str(seq_len), str(MAP_BATCH_SIZE)])
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
 def tokenize_and_pack(
     ds: datasets.Dataset | datasets.IterableDataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -65,5 +52,4 @@ def tokenize_and_pack(
     if isinstance(ds, datasets.IterableDataset):
         return ds.map(fn, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=["text"])
     return ds.map(fn, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=["text"],
-                  num_proc=num_proc if num_proc > 1 else None, desc=desc,
-                  new_fingerprint=pack_fingerprint(ds, tokenizer, seq_len))
+                  num_proc=num_proc if num_proc > 1 else None, desc=desc)
