@@ -180,11 +180,29 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
     def _base_weight_shard(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def _matrix(self) -> torch.Tensor:
-        """``M`` as the forward uses it: a replicated ``M`` gets its gradient SUM-reduced over TP."""
+    def _matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """``M`` as the forward on activations ``x`` uses it: a replicated ``M`` gets its gradient SUM-reduced over
+        TP (in ``M``'s dtype); for bf16/fp16 activations it is cast to their dtype, so the adapter multiplies in
+        the activation dtype as the base layer does while ``M`` and its gradient stay fp32."""
+        M = self.mora_M
         if self.plan.m_dim is None and self.grad_sync == "backward" and self.tp_size > 1:
-            return reduce_replicated_grad(self.mora_M, self.tp_group)
-        return self.mora_M
+            M = reduce_replicated_grad(M, self.tp_group)
+        if x.is_floating_point() and x.dtype.itemsize < M.dtype.itemsize:
+            M = M.to(x.dtype)
+        return M
+
+    def _apply(self, fn, recurse: bool = True):
+        """Keep ``M`` in ``mora_dtype`` when the model is cast (megatron's ``Float16Module`` calls
+        ``module.bfloat16()``; so would ``model.half()``): only a device move applies to it, so ``M`` and the
+        optimizer's master copy of it stay fp32 and keep every bit. Spec: §4 (M and merges in fp32)."""
+        M = self.mora_M
+        kept = M.data
+        super()._apply(fn, recurse)
+        if M.dtype != kept.dtype:
+            M.data = kept.to(M.device)
+            if M.grad is not None:
+                M.grad = M.grad.to(kept.dtype)
+        return self
 
     def _m_ids_per_rank(self) -> list[torch.Tensor]:
         return [partition_ids(self.r_hat, self.tp_size, t, stride=self.plan.m_stride) for t in range(self.tp_size)]
@@ -289,7 +307,7 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
         bias = base.bias if not base.skip_bias_add else None
         # The base output is fresh and read by no one else: the adapter adds into it.
         output = self.operator.forward(
-            self.mora_dropout(x), self._matrix(), self._linear(x, weight, bias), inplace=True
+            self.mora_dropout(x), self._matrix(x), self._linear(x, weight, bias), inplace=True
         )
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
@@ -299,12 +317,13 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
     def _forward_beside(self, input_: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Adapter next to a base that runs its own collectives: compress the local tokens, then gather the
         ``r_hat``-wide ``u`` along the sequence (sequence parallel) or all-reduce its gradient."""
-        u = self.operator.compress(self.mora_dropout(input_).to(self.mora_M.dtype))
+        M = self._matrix(input_)
+        u = self.operator.compress(self.mora_dropout(input_).to(M.dtype))
         if self.base_layer.sequence_parallel:
             u = mm.gather_from_sequence_parallel_region(u, tensor_parallel_output_grad=True, group=self.tp_group)
         else:
             u = mm.copy_to_tensor_model_parallel_region(u, group=self.tp_group)
-        z = self.operator.apply_matrix(u, self._matrix())
+        z = self.operator.apply_matrix(u, M)
         return self.operator.decompress_add(output, z.to(output.dtype))
 
 
@@ -333,7 +352,7 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
             output_, bias = base(input_)
             return self._forward_beside(x, output_), bias
         partial = self.operator.forward(
-            self.mora_dropout(x), self._matrix(), self._linear(x, base.weight, None), inplace=True
+            self.mora_dropout(x), self._matrix(x), self._linear(x, base.weight, None), inplace=True
         )
         if base.sequence_parallel:
             output_ = mm.reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
@@ -345,8 +364,9 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
 
     def _forward_beside(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Adapter next to a base that reduces by itself: reduce the ``r_hat``-wide partial ``z`` instead."""
-        u = self.operator.compress(self.mora_dropout(x).to(self.mora_M.dtype))
-        z = self.operator.apply_matrix(u, self._matrix())
+        M = self._matrix(x)
+        u = self.operator.compress(self.mora_dropout(x).to(M.dtype))
+        z = self.operator.apply_matrix(u, M)
         if self.base_layer.sequence_parallel:
             z = mm.reduce_scatter_to_sequence_parallel_region(z, group=self.tp_group)
         else:

@@ -3,7 +3,11 @@ into the frozen base weights, zero ``M`` in every copy, reset its optimizer mome
 the scheduler restart the learning rate. ReLoRA: the same with LoRA (merge ``(alpha/r) B A``, new ``A``, ``B = 0``).
 
 Correct under ZeRO 0-3, fp32 and bf16, and at tensor-parallel size > 1 (each rank merges its own shard of ``dW``
-locally). Every write to parameters or optimizer state goes through :mod:`mora_dist.training.zero_state`.
+locally). Every write to parameters or optimizer state goes through the engine's
+:class:`~mora_dist.training.optimizer_state.OptimizerState` (:mod:`~mora_dist.training.zero_state` for torch and
+DeepSpeed, :mod:`~mora_dist.training.megatron_state` for megatron-core's optimizers), chosen by
+:func:`~mora_dist.training.optimizer_state.backend_for`. A merge checks that the optimizer holds every tensor it
+will write before it changes anything, so a refused merge leaves the model as it was.
 
 Why a merge can never be applied twice (the order of a training loop is ``engine.step()``, then
 ``callbacks.on_step_end(engine)``, then possibly ``callbacks.save_checkpoint``): a checkpoint written at step
@@ -36,8 +40,8 @@ from mora_dist.errors import MoRAConfigError, MoRAError
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.merge import FoldNorms
 from mora_dist.model import mora_layers
-from mora_dist.training import zero_state
 from mora_dist.training.callbacks import Callback
+from mora_dist.training.optimizer_state import OptimizerState, backend_for
 from mora_dist.training.schedulers import RestartScheduler
 
 logger = logging.getLogger(__name__)
@@ -171,25 +175,32 @@ class RestartCallback(Callback):
             )
 
     def merge(self, engine: Any) -> dict[str, float]:
-        """Merge now (every rank must call): ``W += dW``, re-initialise, reset moments; returns the metrics."""
+        """Merge now (every rank must call): ``W += dW``, re-initialise, reset moments; returns the metrics.
+
+        Raises:
+            MoRAError: the engine's optimizer does not hold a tensor the merge writes (raised before any change).
+        """
         start = time.perf_counter()
         step = int(engine.global_steps)
+        state = backend_for(engine.optimizer)
         layers = self._layers(engine.module)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        # Plan every write first: a merge that cannot complete must leave W and the adapters untouched.
+        names = {id(layer): name for name, layer in engine.module.named_modules()}
+        plan = [(f"{names.get(id(layer), '?')}.{name}", getattr(layer, name), value)
+                for layer in layers for name, value in self._reinit_values(layer, generator).items()]
+        state.check(engine.optimizer, [(name, param) for name, param, _ in plan])
         record = {"step": step, **self._cycle_record(engine)}
         sq_norm = residual_sq = 0.0
         for layer in layers:
             norms = self._merge_layer(engine, layer)
             sq_norm += norms.delta_sq
             residual_sq += norms.residual_sq
-        params: list[nn.Parameter] = []
-        for layer in layers:
-            for name, value in self._reinit_values(layer, generator).items():
-                param = getattr(layer, name)
-                zero_state.set_full(engine.optimizer, param, value)
-                params.append(param)
-        self._reset_moments(engine.optimizer, params, generator)
-        fraction = zero_state.zeroed_fraction(engine.optimizer, params)
+        for _, param, value in plan:
+            state.set_full(engine.optimizer, param, value)
+        params = [param for _, param, _ in plan]
+        self._reset_moments(state, engine.optimizer, params, generator)
+        fraction = state.zeroed_fraction(engine.optimizer, params)
         self.merged_steps.append(step)
         self.cycles.append(record)
         delta_norm = math.sqrt(self._tp_sum(engine, sq_norm))
@@ -207,15 +218,16 @@ class RestartCallback(Callback):
         logger.info("%s merge %d at step %d: %s", self.prefix, self.merges, step, metrics)
         return metrics
 
-    def _reset_moments(self, optimizer: Any, params: Sequence[nn.Parameter], generator: torch.Generator) -> None:
+    def _reset_moments(self, state: OptimizerState, optimizer: Any, params: Sequence[nn.Parameter],
+                       generator: torch.Generator) -> None:
         for param in params:
-            for key in zero_state.state_keys(optimizer, param):
+            for key in state.state_keys(optimizer, param):
                 if self.reset_method == "full":
                     new = torch.zeros(tuple(getattr(param, "ds_shape", param.shape)))
                 else:
-                    new = prune_moment(zero_state.get_full(optimizer, param, key).cpu(), self.reset_method,
+                    new = prune_moment(state.get_full(optimizer, param, key).cpu(), self.reset_method,
                                        self.reset_ratio, generator)
-                zero_state.set_full(optimizer, param, new, key)
+                state.set_full(optimizer, param, new, key)
 
     @staticmethod
     def _tp_sum(engine: Any, value: float) -> float:
@@ -318,14 +330,16 @@ class ReMoRACallback(RestartCallback):
     @torch.no_grad()
     def _merge_layer(self, engine: Any, layer: nn.Module) -> FoldNorms:
         # dW from the optimizer's fp32 master of M (under DeepSpeed bf16 the module copy is bf16-rounded);
-        # M itself is zeroed in every copy by zero_state afterwards.
-        M = zero_state.get_full(engine.optimizer, layer.mora_M)
+        # M itself is zeroed in every copy by the optimizer-state backend afterwards.
+        state = backend_for(engine.optimizer)
+        M = state.get_full(engine.optimizer, layer.mora_M)
         weight = layer._base_weight_shard()
-        with zero_state.gathered([weight], modifier_rank=0):
+        with state.gathered([weight], modifier_rank=0):
             return layer.merge(reinit=False, M=M)
 
     def _cycle_record(self, engine: Any) -> dict[str, Any]:
-        matrices = {name: layer.get_global_M(zero_state.get_full(engine.optimizer, layer.mora_M)).float().cpu()
+        state = backend_for(engine.optimizer)
+        matrices = {name: layer.get_global_M(state.get_full(engine.optimizer, layer.mora_M)).float().cpu()
                     for name, layer in mora_layers(engine.module)}
         return {"mora_type": self.current_type, "matrices": matrices}
 
@@ -388,13 +402,15 @@ class ReLoRACallback(RestartCallback):
 
     @torch.no_grad()
     def _merge_layer(self, engine: Any, layer: LoRALinear) -> FoldNorms:
-        A, B = (zero_state.get_full(engine.optimizer, p) for p in (layer.lora_A, layer.lora_B))  # fp32 masters
-        with zero_state.gathered([layer.base_layer.weight], modifier_rank=0):
+        state = backend_for(engine.optimizer)
+        A, B = (state.get_full(engine.optimizer, p) for p in (layer.lora_A, layer.lora_B))  # fp32 masters
+        with state.gathered([layer.base_layer.weight], modifier_rank=0):
             return layer.merge(reinit=False, A=A, B=B)
 
     def _cycle_record(self, engine: Any) -> dict[str, Any]:
-        factors = {name: (zero_state.get_full(engine.optimizer, layer.lora_A).float().cpu(),
-                          zero_state.get_full(engine.optimizer, layer.lora_B).float().cpu())
+        state = backend_for(engine.optimizer)
+        factors = {name: (state.get_full(engine.optimizer, layer.lora_A).float().cpu(),
+                          state.get_full(engine.optimizer, layer.lora_B).float().cpu())
                    for name, layer in lora_layers(engine.module)}
         return {"scaling": float(next(iter(self._layers(engine.module))).scaling), "factors": factors}
 

@@ -1,6 +1,8 @@
 """Every copy of a trainable parameter and of its optimizer state, under plain torch and DeepSpeed ZeRO 0-3.
 
-The only module that touches DeepSpeed optimizer internals. A parameter ``p`` of the module may have:
+The only module that touches DeepSpeed optimizer internals; it implements
+:class:`mora_dist.training.optimizer_state.OptimizerState` (as :mod:`~mora_dist.training.megatron_state` does for
+megatron-core's optimizers). A parameter ``p`` of the module may have:
 - the module copy (``p.data``; under ZeRO-3 only the partition ``p.ds_tensor``, gathered on demand);
 - an fp32 master (ZeRO-1/2 and ``BF16_Optimizer``: a fragment of a flat partition, reached through
   ``p._hp_mapping``; ZeRO-3: a partition, reached through ``p._z3_optimizer``; ZeRO-0 with bf16: a separate fp32
@@ -35,7 +37,8 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 from torch import nn
 
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+from mora_dist.errors import MoRAError
+from mora_dist.training.optimizer_state import MOMENT_KEYS
 
 
 def is_zero3(p: torch.Tensor) -> bool:
@@ -113,6 +116,21 @@ def _z3_local_slice(p: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
     n = min(flat.numel(), padded.numel())
     padded[:n] = flat[:n]
     return padded[part * rank:]
+
+
+def check(optimizer: Any, named_params: Sequence[tuple[str, nn.Parameter]]) -> None:
+    """Raise ``MoRAError`` naming the parameter if ``optimizer`` does not optimize one of ``named_params``
+    (ZeRO-partitioned and ``_hp_mapping`` parameters are DeepSpeed's by construction). Changes nothing."""
+    for name, p in named_params:
+        if is_zero3(p) or hasattr(p, "_hp_mapping") or _fp16_master(optimizer, p) is not None:
+            continue
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None or not any(q is p for g in groups for q in g["params"]):
+            raise MoRAError(
+                f"parameter {name!r} (shape {tuple(p.shape)}) is not optimized by {type(optimizer).__name__}; "
+                "build the optimizer (or the DeepSpeed engine) after apply_mora/apply_lora, over the model the "
+                "callback merges"
+            )
 
 
 def get_full(optimizer: Any, p: nn.Parameter, key: str | None = None) -> torch.Tensor | None:

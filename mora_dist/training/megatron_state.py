@@ -1,0 +1,196 @@
+"""Every copy of a trainable parameter and of its optimizer state under megatron-core's optimizers.
+
+The only module that touches megatron-core optimizer internals (it implements
+:class:`mora_dist.training.optimizer_state.OptimizerState`). ``get_megatron_optimizer`` returns a
+``ChainedOptimizer`` over one or more of these, each holding a parameter ``p`` of the module as:
+
+- ``FP32Optimizer``: ``p`` is its own master; the torch optimizer's state is keyed by ``p``.
+- ``Float16OptimizerWithFloat16Params``: a bf16/fp16 ``p`` has a full fp32 master in
+  ``fp32_from_float16_groups`` (state keyed by it); an fp32 ``p`` (``fp32_from_fp32_groups``) is its own master.
+- ``DistributedOptimizer``: each data-parallel rank owns the range ``_get_model_param_range_map(p)["param"]`` of
+  ``p.view(-1)`` (possibly empty): its fp32 master is a separate tensor for a bf16/fp16 ``p``
+  (``shard_fp32_from_float16_groups``) and a view of ``p`` for an fp32 ``p`` (``shard_fp32_groups``); the state is
+  keyed by that shard. ``p.data`` itself is a view of DDP's ``param_and_grad_buffer``, all-gathered from the
+  owners after every step.
+
+Writing only ``p.data`` is undone at the next step (the master is copied back: ``dW`` counted twice after a
+ReMoRA merge), so :func:`set_full` writes the module copy and the master, and the moments in the owning shard.
+Full values are assembled from the shards by a SUM all-reduce over the optimizer's data-parallel group (the
+ranges are disjoint): the functions are collective over it. Tested with megatron-core 0.16 on CPU (gloo).
+
+Spec: §5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mora_dist.errors import MoRAError
+from mora_dist.training.optimizer_state import MOMENT_KEYS
+
+
+class _Copy(NamedTuple):
+    """Where one leaf optimizer keeps ``p`` on this rank: ``master``, the tensor the inner torch optimizer steps
+    and keys its state by (``None`` when this rank owns no part of ``p``), the range ``[start, end)`` of
+    ``p.view(-1)`` it covers, and the data-parallel group the ranges are spread over (``None``: unsharded)."""
+
+    leaf: Any
+    master: torch.Tensor | None
+    start: int
+    end: int
+    group: Any
+
+
+def _leaves(optimizer: Any) -> list[Any]:
+    """The ``FP32Optimizer``/``Float16OptimizerWithFloat16Params``/``DistributedOptimizer`` under ``optimizer``."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is None:
+        return [optimizer]
+    return [leaf for inner in chained for leaf in _leaves(inner)]
+
+
+def _kind(leaf: Any) -> str:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
+
+    if isinstance(leaf, DistributedOptimizer):
+        return "distributed"
+    if isinstance(leaf, Float16OptimizerWithFloat16Params):
+        return "float16"
+    if isinstance(leaf, FP32Optimizer):
+        return "fp32"
+    raise MoRAError(
+        f"megatron optimizer {type(leaf).__name__} is not supported by ReMoRA/ReLoRA merges; supported: "
+        "FP32Optimizer, Float16OptimizerWithFloat16Params, DistributedOptimizer (in a ChainedOptimizer)"
+    )
+
+
+def _holds(leaf: Any, p: nn.Parameter) -> bool:
+    """Whether ``leaf`` optimizes ``p`` (the same answer on every data-parallel rank)."""
+    if getattr(leaf, "is_stub_optimizer", False):
+        return False
+    kind = _kind(leaf)
+    if kind == "distributed":
+        # model_param_gbuf_map lists only the parameters with a range on this rank; the buffers list them all.
+        return any(p in buffer.param_index_map for buffer in leaf.buffers)
+    if kind == "float16":
+        return any(q is p for groups in (leaf.float16_groups, leaf.fp32_from_fp32_groups) for g in groups for q in g)
+    return any(q is p for g in leaf.optimizer.param_groups for q in g["params"])
+
+
+def _locate(optimizer: Any, p: nn.Parameter) -> _Copy:
+    for leaf in _leaves(optimizer):
+        if not _holds(leaf, p):
+            continue
+        kind = _kind(leaf)
+        if kind == "fp32":
+            return _Copy(leaf, p, 0, p.numel(), None)
+        if kind == "float16":
+            for model_group, main_group in zip(leaf.float16_groups, leaf.fp32_from_float16_groups):
+                for model, main in zip(model_group, main_group):
+                    if model is p:
+                        return _Copy(leaf, main, 0, p.numel(), None)
+            return _Copy(leaf, p, 0, p.numel(), None)  # an fp32 parameter is its own master
+        for model_groups, main_groups in ((leaf.model_float16_groups, leaf.shard_fp32_from_float16_groups),
+                                          (leaf.model_fp32_groups, leaf.shard_fp32_groups)):
+            for model_group, main_group in zip(model_groups, main_groups):
+                for model, main in zip(model_group, main_group):
+                    if model is p:  # only parameters with a range on this rank are listed
+                        param_range = leaf._get_model_param_range_map(p)["param"]
+                        return _Copy(leaf, main, param_range.start, param_range.end, leaf.data_parallel_group)
+        return _Copy(leaf, None, 0, 0, leaf.data_parallel_group)
+    raise MoRAError(f"the megatron optimizer ({type(optimizer).__name__}) does not hold this parameter "
+                    f"(shape {tuple(p.shape)})")
+
+
+def _inner_state(copy: _Copy) -> dict[str, Any]:
+    """The torch optimizer's state of this rank's master of ``p`` (empty before the first step or without one)."""
+    return {} if copy.master is None else copy.leaf.optimizer.state.get(copy.master, {})
+
+
+def _full(copy: _Copy, p: nn.Parameter, local: torch.Tensor | None) -> torch.Tensor:
+    """Assemble the full fp32 value (shape of ``p``) from this rank's flat part ``local`` of ``[start, end)``."""
+    full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    if local is not None:
+        full[copy.start:copy.end] = local.detach().float().view(-1)
+    if copy.group is not None and dist.get_world_size(copy.group) > 1:
+        dist.all_reduce(full, group=copy.group)
+    return full.view(p.shape)
+
+
+def check(optimizer: Any, named_params: Sequence[tuple[str, nn.Parameter]]) -> None:
+    """Raise ``MoRAError`` naming the parameter when ``optimizer`` (or a leaf of it) cannot be written. No
+    communication, no change."""
+    for leaf in _leaves(optimizer):
+        if not getattr(leaf, "is_stub_optimizer", False):
+            _kind(leaf)
+    for name, p in named_params:
+        if not any(_holds(leaf, p) for leaf in _leaves(optimizer)):
+            raise MoRAError(
+                f"parameter {name!r} (shape {tuple(p.shape)}) is not optimized by the megatron optimizer "
+                f"{type(optimizer).__name__}; build the optimizer (get_megatron_optimizer) after apply_mora/"
+                "apply_lora, over the model the callback merges"
+            )
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[nn.Parameter], *, modifier_rank: int | None = None) -> Iterator[None]:
+    """A no-op: megatron-core keeps every parameter whole in the module (``p.data`` is all-gathered)."""
+    yield
+
+
+def get_full(optimizer: Any, p: nn.Parameter, key: str | None = None) -> torch.Tensor | None:
+    """The full fp32 master (``key=None``) or moment ``key`` of ``p``, shape of ``p``; ``None`` if the optimizer
+    keeps no such moment (before the first step). Collective over the optimizer's data-parallel group."""
+    copy = _locate(optimizer, p)
+    if key is None:
+        return _full(copy, p, copy.master)
+    if key not in state_keys(optimizer, p):
+        return None
+    return _full(copy, p, _inner_state(copy).get(key))
+
+
+def state_keys(optimizer: Any, p: nn.Parameter) -> list[str]:
+    """The moment keys the optimizer keeps for ``p``, agreed over the data-parallel group (a rank that owns no
+    part of ``p`` has none locally)."""
+    copy = _locate(optimizer, p)
+    state = _inner_state(copy)
+    present = torch.tensor([float(torch.is_tensor(state.get(k))) for k in MOMENT_KEYS])
+    if copy.group is not None and dist.get_world_size(copy.group) > 1:
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=copy.group)
+    return [k for k, flag in zip(MOMENT_KEYS, present.tolist()) if flag]
+
+
+@torch.no_grad()
+def set_full(optimizer: Any, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write the full ``value`` (shape of ``p``) to the moment ``key`` of ``p`` in the owning shard, or with
+    ``key=None`` to the module's copy *and* the fp32 master, so the next step cannot copy an old value back.
+    Call on every rank with the same ``value``."""
+    copy = _locate(optimizer, p)
+    flat = value.detach().reshape(-1).float().to(p.device)
+    if key is None:
+        p.data.copy_(flat.view(p.shape).to(p.dtype))
+        if copy.master is not None and copy.master is not p:
+            copy.master.view(-1).copy_(flat[copy.start:copy.end].to(copy.master.dtype))
+        return
+    moment = _inner_state(copy).get(key)
+    if torch.is_tensor(moment):
+        moment.view(-1).copy_(flat[copy.start:copy.end].to(moment.dtype))
+
+
+def zeroed_fraction(optimizer: Any, params: Sequence[nn.Parameter]) -> float:
+    """Fraction of the moment entries of ``params`` that read back as exactly zero (1.0 after a full reset).
+    Collective."""
+    zeros = total = 0
+    for p in params:
+        for key in state_keys(optimizer, p):
+            value = get_full(optimizer, p, key)
+            zeros += int((value == 0).sum())
+            total += value.numel()
+    return zeros / total if total else 0.0
