@@ -153,6 +153,9 @@ class TrainingSection(_Section):
     global_batch_size: int = Field(gt=0)
     gradient_accumulation_steps: int | None = Field(default=None, gt=0)
     eval_interval: int = Field(default=0, ge=0)
+    # Evaluate once before the first step (the starting loss). None: on for continual pretraining
+    # (model.pretrained) and whenever eval_interval is set.
+    eval_at_start: bool | None = None
     save_interval: int = Field(default=0, ge=0)
     keep_last: int = Field(default=2, gt=0)
     log_interval: int = Field(default=1, gt=0)
@@ -232,8 +235,6 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
         if given:
             out.append(f"model.{given[0]}={getattr(m, given[0])} is read from model.pretrained={m.pretrained!r}: "
                        f"remove {', '.join('model.' + g for g in given)}")
-        if m.backend == "megatron":
-            out.append("model.backend='megatron' trains from scratch only: use backend 'hf' with model.pretrained")
     else:
         a = m.arch()
         if a["hidden_size"] % a["num_heads"]:
@@ -376,6 +377,18 @@ def check_world(cfg: RunConfig, world_size: int) -> int:
         for key in ("num_heads", "num_kv_heads"):
             if a[key] % tp:
                 out.append(f"model.{key}={a[key]} is not divisible by model.tensor_model_parallel_size={tp}")
+    elif m.backend == "megatron" and Path(m.pretrained, "config.json").is_file():
+        from mora_dist.run.hf_megatron import GPTShape
+
+        try:
+            shape = GPTShape.from_pretrained(m.pretrained)
+        except MoRAConfigError as exc:
+            out.append(str(exc))
+        else:
+            for key in ("num_heads", "num_kv_heads", "vocab_size"):
+                if getattr(shape, key) % tp:
+                    out.append(f"model.pretrained={m.pretrained!r}: {key}={getattr(shape, key)} is not divisible by "
+                               f"model.tensor_model_parallel_size={tp}; choose a TP size that divides it")
     dp = max(1, world_size // tp)
     per_step = t.micro_batch_size * dp
     accum = t.gradient_accumulation_steps

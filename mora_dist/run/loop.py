@@ -134,7 +134,9 @@ class Trainer:
         accum = engine.gradient_accumulation_steps()
         progress = ProgressLine(total_steps=t.max_steps, start_step=self.step,
                                 enabled=self.rank == 0 and cfg.logging.progress == "line")
-        if self.step == 0 and t.eval_interval:
+        eval_at_start = t.eval_at_start if t.eval_at_start is not None else bool(
+            t.eval_interval or cfg.model.pretrained)
+        if self.step == 0 and eval_at_start:  # the starting loss (of the pretrained model, for continual pretraining)
             logs = self.evaluate(data.eval_sets)
             self.metrics.log_dict(logs, 0)
             self.last.update(logs)

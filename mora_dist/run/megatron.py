@@ -1,11 +1,11 @@
 """The megatron-core backend: a Llama-shaped ``GPTModel`` (local spec, RMSNorm, SwiGLU, RoPE, GQA) split over
 ``tensor_model_parallel_size`` ranks, trained by DeepSpeed over the data-parallel groups, and its export.
 
-Export gathers every rank's shard into the TP = 1 layout (column-parallel rows by Megatron's chunk pattern,
-gated ``linear_fc1`` with partition stride 2; row-parallel columns; ``M`` by its shard plan), rebuilds the
-TP = 1 adapted model in this process (a MoRA layer at TP = n computes the TP = 1 function, spec §4), merges
-``dW`` and maps the names to the Hugging Face Llama layout (``linear_qkv`` un-fused per query group into
-q/k/v, ``linear_fc1`` split into gate/up).
+With ``model.pretrained`` (continual pretraining) a local Hugging Face Llama / Qwen2 checkpoint is loaded into
+every rank's shards first. Export gathers every rank's shard into the TP = 1 layout (``M`` by its shard plan),
+rebuilds the TP = 1 adapted model in this process (a MoRA layer at TP = n computes the TP = 1 function, spec
+§4), merges ``dW`` and maps the names back to Hugging Face. Both mappings live in
+:mod:`mora_dist.run.hf_megatron`.
 
 Spec: §4.
 """
@@ -24,9 +24,6 @@ from mora_dist.run import build
 from mora_dist.run.config import RunConfig
 
 logger = logging.getLogger(__name__)
-
-_ROW_SPLIT = ("linear_qkv", "linear_fc1", "output_layer", "word_embeddings")  # column-parallel / vocab-parallel
-_COL_SPLIT = ("linear_proj", "linear_fc2")  # row-parallel
 
 
 class _DeepSpeedMPU:
@@ -79,29 +76,56 @@ def init_model_parallel(tp: int, seed: int) -> None:
         cpu_model_parallel_seed(seed)
 
 
+def gpt_shape(cfg: RunConfig, vocab_size: int | None = None):
+    """The model's :class:`~mora_dist.run.hf_megatron.GPTShape`: read from ``model.pretrained`` for continual
+    pretraining, else from the model section (``vocab_size``: the tokenizer's, for new models)."""
+    from mora_dist.run.hf_megatron import GPTShape
+
+    m = cfg.model
+    if m.pretrained is not None:
+        return GPTShape.from_pretrained(m.pretrained)
+    a = m.arch()
+    return GPTShape(hidden_size=a["hidden_size"], num_layers=a["num_layers"], num_heads=a["num_heads"],
+                    num_kv_heads=a["num_kv_heads"], head_dim=a["hidden_size"] // a["num_heads"],
+                    intermediate_size=a["intermediate_size"], vocab_size=vocab_size or m.vocab_size,
+                    rope_theta=m.rope_theta, norm_eps=1e-5, tie_word_embeddings=m.tie_word_embeddings)
+
+
 def build_gpt(cfg: RunConfig, vocab_size: int) -> nn.Module:
     """The GPTModel of the model section, adapters applied. The CPU init draws every global weight in the same
-    order at any TP size, so TP = 1 and TP = n start from the same function."""
+    order at any TP size, so TP = 1 and TP = n start from the same function. With ``model.pretrained`` the
+    Hugging Face weights are loaded into this rank's shards before the adapters are applied."""
     import torch.nn.functional as F
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from mora_dist.errors import MoRAConfigError
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_kwargs
+    from mora_dist.run.hf_megatron import load_hf_into_gpt
 
-    a, m = cfg.model.arch(), cfg.model
+    m = cfg.model
+    shape = gpt_shape(cfg, vocab_size)
+    if m.pretrained is not None and vocab_size > shape.vocab_size:
+        raise MoRAConfigError(f"the tokenizer has {vocab_size} tokens but model.pretrained={m.pretrained!r} embeds "
+                              f"{shape.vocab_size}: use the checkpoint's own tokenizer as data.tokenizer")
     extra = cpu_model_parallel_kwargs() if not torch.cuda.is_available() else {}
     config = TransformerConfig(
-        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=a["num_heads"],
-        num_query_groups=a["num_kv_heads"], ffn_hidden_size=a["intermediate_size"], gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm", layernorm_epsilon=1e-5,
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim, ffn_hidden_size=shape.intermediate_size,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
+        normalization="RMSNorm", layernorm_epsilon=shape.norm_eps,
         tensor_model_parallel_size=m.tensor_model_parallel_size, params_dtype=build._DTYPES[m.dtype],
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02, **extra,
     )
     torch.manual_seed(cfg.training.seed)
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
-                     rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=m.tie_word_embeddings)
+                     vocab_size=shape.vocab_size, max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
+                     rotary_base=int(shape.rope_theta), share_embeddings_and_output_weights=shape.tie_word_embeddings)
+    if m.pretrained is not None:
+        load_hf_into_gpt(model, m.pretrained, shape, tp=m.tensor_model_parallel_size,
+                         rank=parallel_state.get_tensor_model_parallel_rank())
     return build.apply_adapters(cfg, model)
 
 
@@ -141,7 +165,8 @@ class MegatronBackend:
 # ---------------------------------------------------------------- export: TP shards -> TP = 1 -> HF Llama
 def _gather(key: str, shards: list[torch.Tensor], tp: int, model1: nn.Module, cfg: RunConfig) -> torch.Tensor:
     """One TP = 1 tensor from its ``tp`` shards (``model1``: the TP = 1 adapted model, for ``M``'s plan)."""
-    from mora_dist.parallel.layouts import partition_ids, plan_shard
+    from mora_dist.parallel.layouts import plan_shard
+    from mora_dist.run.hf_megatron import ROW_SPLIT, gather_shards
 
     module_name, _, leaf = key.rpartition(".")
     short = module_name.split(".")[-1]
@@ -149,7 +174,7 @@ def _gather(key: str, shards: list[torch.Tensor], tp: int, model1: nn.Module, cf
         return shards[0]
     if leaf == "mora_M":
         layer = model1.get_submodule(module_name)
-        kind = "column" if short in _ROW_SPLIT else "row"
+        kind = "column" if short in ROW_SPLIT else "row"
         stride = 2 if short == "linear_fc1" else 1
         full = torch.zeros(layer.r_hat, layer.r_hat, dtype=shards[0].dtype)
         for t, shard in enumerate(shards):
@@ -160,15 +185,7 @@ def _gather(key: str, shards: list[torch.Tensor], tp: int, model1: nn.Module, cf
                 return shards[0]
             full.index_copy_(plan.m_dim, plan.m_ids, shard)
         return full
-    if short in _ROW_SPLIT or short in _COL_SPLIT:
-        dim = 0 if short in _ROW_SPLIT else 1
-        stride = 2 if short == "linear_fc1" else 1
-        size = sum(s.shape[dim] for s in shards)
-        full = torch.empty(*(size if d == dim else n for d, n in enumerate(shards[0].shape)), dtype=shards[0].dtype)
-        for t, shard in enumerate(shards):
-            full.index_copy_(dim, partition_ids(size, tp, t, stride=stride), shard)
-        return full
-    return shards[0]  # replicated over TP (norms)
+    return gather_shards(key, shards)
 
 
 def _single_process_group() -> None:
@@ -213,39 +230,19 @@ def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
 
 
 def megatron_to_hf(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """A ``LlamaForCausalLM`` with the (merged, TP = 1) GPTModel's weights."""
+    """The Hugging Face twin (Llama, or Qwen2 for checkpoints with q/k/v biases) of the merged TP = 1 GPTModel."""
     import transformers
 
-    a = cfg.model.arch()
-    hd = a["hidden_size"] // a["num_heads"]
-    groups, per_group = a["num_kv_heads"], a["num_heads"] // a["num_kv_heads"]
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=cfg.model.vocab_size, hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
-        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=groups,
-        max_position_embeddings=cfg.data.seq_len, rope_theta=cfg.model.rope_theta, rms_norm_eps=1e-5,
-        tie_word_embeddings=cfg.model.tie_word_embeddings, attention_bias=False, mlp_bias=False))
+    from mora_dist.run import hf_megatron
+
+    shape = gpt_shape(cfg)
+    hf = transformers.AutoModelForCausalLM.from_config(shape.hf_config(cfg.data.seq_len))
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
-           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
-    if not cfg.model.tie_word_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"]
-    for i in range(a["num_layers"]):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = sd[src + "self_attention.linear_qkv.weight"].view(groups, (per_group + 2) * hd, -1)
-        q, k, v = qkv.split([per_group * hd, hd, hd], dim=1)  # per query group [q_g; k_g; v_g]
-        gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)  # [gate; up]
-        out.update({
-            dst + "self_attn.q_proj.weight": q.reshape(-1, a["hidden_size"]),
-            dst + "self_attn.k_proj.weight": k.reshape(-1, a["hidden_size"]),
-            dst + "self_attn.v_proj.weight": v.reshape(-1, a["hidden_size"]),
-            dst + "self_attn.o_proj.weight": sd[src + "self_attention.linear_proj.weight"],
-            dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": sd[src + "mlp.linear_fc2.weight"],
-            dst + "input_layernorm.weight": sd[src + "self_attention.linear_qkv.layer_norm_weight"]
-            if src + "self_attention.linear_qkv.layer_norm_weight" in sd else sd[src + "input_layernorm.weight"],
-            dst + "post_attention_layernorm.weight": sd[src + "pre_mlp_layernorm.weight"],
-        })
-    hf.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    missing, unexpected = hf.load_state_dict(hf_megatron.megatron_to_hf(sd, shape), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if shape.tie_word_embeddings else set()):
+        raise RuntimeError(f"GPTModel -> {type(hf).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if shape.tie_word_embeddings:
+        hf.tie_weights()  # lm_head reads the embedding
     return hf.eval()
 
 

@@ -1,0 +1,221 @@
+"""Hugging Face Llama / Qwen2 <-> megatron-core ``GPTModel`` weights, both directions (continual pretraining imports,
+export writes), and the split of a TP = 1 tensor into one rank's shard and back.
+
+Megatron's TP = 1 layout (local-spec names; the TE spec keeps the norms inside the fused layers):
+- ``linear_qkv.weight: ((h + 2 g) hd, hidden)`` per query group ``[q_g (h/g heads); k_g; v_g]`` (bias alike);
+- ``linear_fc1.weight: (2 ffn, hidden)`` as ``[gate; up]``;
+- ``input_layernorm.weight`` (TE: ``self_attention.linear_qkv.layer_norm_weight``), ``pre_mlp_layernorm.weight``
+  (TE: ``mlp.linear_fc1.layer_norm_weight``), ``decoder.final_layernorm.weight``;
+- ``embedding.word_embeddings.weight``; ``output_layer.weight`` unless the embeddings are tied.
+Tensor parallelism splits column-parallel rows (``linear_qkv``, gated ``linear_fc1`` with partition stride 2, the
+vocabulary of ``word_embeddings`` and ``output_layer``) in Megatron's chunk pattern and row-parallel columns
+(``linear_proj``, ``linear_fc2``); norms are replicated.
+
+Spec: §4.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mora_dist.errors import MoRAConfigError
+from mora_dist.parallel.layouts import partition_ids
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+ROW_SPLIT = ("linear_qkv", "linear_fc1", "output_layer", "word_embeddings")  # column-parallel / vocab-parallel
+COL_SPLIT = ("linear_proj", "linear_fc2")  # row-parallel
+_TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """What a Llama-shaped ``GPTModel`` and its Hugging Face twin share."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> GPTShape:
+        """Read ``config.json`` of a local Llama / Qwen2 / Mistral checkpoint; refuse what Megatron's Llama spec
+        would compute differently (the message names the field)."""
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise MoRAConfigError(f"model.pretrained={str(path)!r} has no config.json: give a Hugging Face "
+                                  "checkpoint folder (saved with save_pretrained)")
+        c = json.loads(file.read_text())
+        where = f"model.pretrained={str(path)!r}"
+        kind = c.get("model_type")
+        if kind not in SUPPORTED_MODEL_TYPES:
+            raise MoRAConfigError(f"{where}: model_type={kind!r} cannot be imported into the Megatron backend "
+                                  f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use model.backend='hf'")
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        problems = {
+            "hidden_act": (c.get("hidden_act", "silu"), "silu"),
+            "rope_type": (rope.get("rope_type", rope.get("type", "default")), "default"),
+            "attention_bias": (bool(c.get("attention_bias", False)), False),
+            "mlp_bias": (bool(c.get("mlp_bias", False)), False),
+            "use_sliding_window": (bool(c.get("use_sliding_window", False)), False),
+        }
+        for field, (value, wanted) in problems.items():
+            if value != wanted:
+                raise MoRAConfigError(f"{where}: {field}={value!r} is not supported by the Megatron backend (needs "
+                                      f"{wanted!r}); train this checkpoint with model.backend='hf'")
+        heads = c["num_attention_heads"]
+        return cls(
+            hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate_size=c["intermediate_size"],
+            vocab_size=c["vocab_size"], rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(c.get("tie_word_embeddings")),
+            qkv_bias=kind == "qwen2",
+        )
+
+    def hf_config(self, max_position_embeddings: int):
+        """The ``transformers`` config of the twin: Qwen2 when q/k/v carry a bias, else Llama."""
+        import transformers
+
+        kwargs = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                      intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                      num_attention_heads=self.num_heads,
+                      num_key_value_heads=self.num_kv_heads, max_position_embeddings=max_position_embeddings,
+                      rope_theta=self.rope_theta, rms_norm_eps=self.norm_eps,
+                      tie_word_embeddings=self.tie_word_embeddings)
+        if self.qkv_bias:
+            return transformers.Qwen2Config(**kwargs)
+        return transformers.LlamaConfig(head_dim=self.head_dim, attention_bias=False, mlp_bias=False, **kwargs)
+
+    def _qkv_split(self) -> tuple[int, list[int]]:
+        per_group = self.num_heads // self.num_kv_heads
+        return self.num_kv_heads, [per_group * self.head_dim, self.head_dim, self.head_dim]
+
+
+def hf_to_megatron(hf: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
+    """TP = 1 ``GPTModel`` state dict (local-spec names) from a Hugging Face state dict."""
+    groups, sizes = shape._qkv_split()
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not shape.tie_word_embeddings:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    for i in range(shape.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for leaf in ("weight", "bias") if shape.qkv_bias else ("weight",):
+            q, k, v = (hf[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv")
+            # [q; k; v] per query group: (g, rows_per_group, ...) then flattened
+            parts = [t.reshape(groups, n, *t.shape[1:]) for t, n in zip((q, k, v), sizes)]
+            out[f"{dst}self_attention.linear_qkv.{leaf}"] = torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+        out.update({
+            dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
+            dst + "mlp.linear_fc1.weight": torch.cat([hf[src + "mlp.gate_proj.weight"],
+                                                      hf[src + "mlp.up_proj.weight"]]),  # [gate; up]
+            dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"],
+            dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"],
+            dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"],
+        })
+    return out
+
+
+def megatron_to_hf(sd: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict from a TP = 1 ``GPTModel`` state dict (local- or TE-spec names, merged weights)."""
+    groups, sizes = shape._qkv_split()
+    sd = dict(sd)
+    for i in range(shape.num_layers):
+        for te_name, local in _TE_NORMS.items():
+            if f"decoder.layers.{i}.{te_name}" in sd:
+                sd[f"decoder.layers.{i}.{local}"] = sd.pop(f"decoder.layers.{i}.{te_name}")
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    if not shape.tie_word_embeddings:
+        out["lm_head.weight"] = sd["output_layer.weight"]
+    for i in range(shape.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for leaf in ("weight", "bias") if shape.qkv_bias else ("weight",):
+            qkv = sd[f"{src}self_attention.linear_qkv.{leaf}"]
+            rest = qkv.shape[1:]
+            q, k, v = qkv.reshape(groups, sum(sizes), *rest).split(sizes, dim=1)  # per query group [q_g; k_g; v_g]
+            for name, t in zip("qkv", (q, k, v)):
+                out[f"{dst}self_attn.{name}_proj.{leaf}"] = t.reshape(-1, *rest)
+        gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)  # [gate; up]
+        out.update({
+            dst + "self_attn.o_proj.weight": sd[src + "self_attention.linear_proj.weight"],
+            dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": sd[src + "mlp.linear_fc2.weight"],
+            dst + "input_layernorm.weight": sd[src + "input_layernorm.weight"],
+            dst + "post_attention_layernorm.weight": sd[src + "pre_mlp_layernorm.weight"],
+        })
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _split_dim(key: str) -> tuple[int | None, int]:
+    """(split dim, partition stride) of a base tensor by its module name; None for replicated tensors."""
+    module, _, leaf = key.rpartition(".")
+    short = module.split(".")[-1]
+    stride = 2 if short == "linear_fc1" else 1
+    if short in ROW_SPLIT and leaf in ("weight", "bias"):
+        return 0, stride
+    if short in COL_SPLIT and leaf == "weight":
+        return 1, 1
+    return None, 1
+
+
+def shard_for_rank(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of the TP = 1 tensor ``key`` (replicated tensors whole)."""
+    dim, stride = _split_dim(key)
+    if dim is None or tp == 1:
+        return full
+    return full.index_select(dim, partition_ids(full.shape[dim], tp, rank, stride=stride)).contiguous()
+
+
+def gather_shards(key: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The TP = 1 tensor ``key`` from its per-rank shards (inverse of :func:`shard_for_rank`)."""
+    dim, stride = _split_dim(key)
+    tp = len(shards)
+    if dim is None or tp == 1:
+        return shards[0]
+    size = sum(s.shape[dim] for s in shards)
+    full = torch.empty(*(size if d == dim else n for d, n in enumerate(shards[0].shape)), dtype=shards[0].dtype)
+    for t, shard in enumerate(shards):
+        full.index_copy_(dim, partition_ids(size, tp, t, stride=stride), shard)
+    return full
+
+
+def load_hf_into_gpt(model: torch.nn.Module, path: str | Path, shape: GPTShape, *, tp: int, rank: int) -> None:
+    """Copy a local Hugging Face checkpoint into this rank's (un-adapted) ``GPTModel`` shard, strictly."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise MoRAConfigError(f"model.pretrained={str(path)!r} holds no *.safetensors weights: save the checkpoint "
+                              "with save_pretrained (safetensors)")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf.update(load_file(str(f)))
+    if shape.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)
+    full = hf_to_megatron(hf, shape)
+    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(own - set(full)), sorted(set(full) - own)
+    if missing or unexpected:
+        raise MoRAConfigError(f"model.pretrained={str(path)!r} does not fit the Megatron model: missing "
+                              f"{missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for key, param in model.state_dict().items():
+            if key in full:
+                value = shard_for_rank(key, full[key], tp, rank)
+                if value.shape != param.shape:
+                    raise MoRAConfigError(f"model.pretrained: {key} has shape {tuple(value.shape)} on TP rank {rank}, "
+                                          f"the model expects {tuple(param.shape)}")
+                param.copy_(value.to(param.dtype))
