@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from launch_helpers import env, run, scalars
+from launch_helpers import env, free_port, run, scalars
 
 from mora_dist.data import load_tokenizer
 
@@ -40,19 +39,26 @@ def _save_tiny(path: Path, kind: str, tie: bool) -> Path:
     return path
 
 
-def _single_process_megatron():
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    from mora_dist.run.megatron import _single_process_group, init_model_parallel
-
-    _single_process_group()
+@pytest.fixture
+def single_process_megatron(monkeypatch):
+    """A one-rank gloo group and megatron's parallel state in this process, torn down afterwards (so later tests
+    and their subprocesses see neither)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if not parallel_state.model_parallel_is_initialized():
-        init_model_parallel(1, 0)
+    from mora_dist.run.megatron import _single_process_group, init_model_parallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # recorded, so it is removed again afterwards
+    _single_process_group()
+    init_model_parallel(1, 0)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", True)], ids=["llama-untied", "qwen2-tied-qkv-bias"])
-def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, tie):
+def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, tie, single_process_megatron):
     """TP = 1: the imported GPTModel's logits equal the Hugging Face model's (fp32, 1e-5), and the export mapping
     gives back the same HF model. Catches q/k/v interleaved per head instead of per query group, [up; gate],
     a dropped q/k/v bias, a tied head loaded twice, the wrong norm eps or RoPE base."""
@@ -60,7 +66,6 @@ def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, ti
     from mora_dist.run.megatron import build_gpt, gpt_loss, megatron_to_hf
 
     base = _save_tiny(tmp_path / "base", kind, tie)
-    _single_process_megatron()
     cfg = RunConfig.model_validate({
         "model": {"backend": "megatron", "pretrained": str(base)}, "optimizer": {"lr": 1e-3},
         "data": {"sources": [{"name": "x", "path": "data/shakespeare/poems.txt.gz"}], "tokenizer": str(base),
