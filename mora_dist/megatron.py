@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from mora_dist.config import MoRAConfig
-from mora_dist.errors import MoRAConfigError
 from mora_dist.model import apply_mora
 
 logger = logging.getLogger(__name__)
@@ -86,44 +85,27 @@ class _Engine:
         self.device = next(self.module.parameters()).device
 
 
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer whose state is keyed by the model's own parameters (no separate fp32 master)."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
-    from megatron.core.optimizer import ChainedOptimizer, FP32Optimizer
-
-    if isinstance(optimizer, ChainedOptimizer) and len(optimizer.chained_optimizers) == 1:
-        optimizer = optimizer.chained_optimizers[0]  # get_megatron_optimizer chains even a single optimizer
-    if isinstance(optimizer, FP32Optimizer):
-        return optimizer.optimizer
-    raise MoRAConfigError(
-        f"MegatronReMoRA: {type(optimizer).__name__} keeps fp32 master copies of M that a merge must reset too, "
-        "which is not supported yet: train with fp32 parameters and the non-distributed optimizer (no --bf16 / "
-        "--fp16, no --use-distributed-optimizer), or use MoRA without ReMoRA"
-    )
-
-
 class MegatronReMoRA:
     """Runs ReMoRA from a Megatron training loop: call :meth:`step` after every ``optimizer.step()``.
 
     Args:
         callback: a :class:`~mora_dist.training.remora.ReMoRACallback` (or ``ReLoRACallback``).
         model: the model chunks as Megatron returns them (DDP-wrapped is fine).
-        optimizer: Megatron's optimizer (``FP32Optimizer``) or a torch optimizer.
+        optimizer: Megatron's optimizer as ``setup_model_and_optimizer`` returns it (``FP32Optimizer``,
+            ``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, chained): a merge writes ``M = 0``
+            and resets its moments in whichever copy and shard holds them
+            (:mod:`mora_dist.training.megatron_state`); or a torch optimizer.
         lr_scheduler: a restarting scheduler from :mod:`mora_dist.training.schedulers` when the callback has a
             ``restart_warmup``; ``None`` otherwise (Megatron's own scheduler does not restart).
 
-    Raises:
-        MoRAConfigError: an optimizer with separate fp32 masters (the message names the flags to change).
-
-    Spec: §3.
+    Spec: §3, §5.
     """
 
     def __init__(self, callback: Any, model: nn.Module | list[nn.Module], optimizer: Any,
                  lr_scheduler: Any = None) -> None:
         chunks = model if isinstance(model, list) else [model]
         self.callback = callback
-        self.engine = _Engine(chunks, _torch_optimizer(optimizer), lr_scheduler)
+        self.engine = _Engine(chunks, optimizer, lr_scheduler)
         callback.on_train_begin(self.engine)
 
     def step(self, iteration: int) -> dict[str, float] | None:

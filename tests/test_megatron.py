@@ -18,8 +18,9 @@ def _run_example() -> dict:
     return {"history": module.main()}
 
 
-def _refusal() -> tuple[str, str]:
-    """MegatronReMoRA on an optimizer with separate fp32 masters (bf16) is refused, naming the flags."""
+def _bf16_run() -> dict:
+    """The recipe under ``--bf16``: Float16Module, Megatron's Float16 optimizer with fp32 masters; ReMoRA every
+    2 steps. Returns M (module and master) after the merge step."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -27,10 +28,10 @@ def _refusal() -> tuple[str, str]:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
-    from mora_dist import MoRAConfig
+    from mora_dist import MoRAConfig, mora_layers
     from mora_dist.megatron import MegatronReMoRA, mora_model_provider
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_seed, enable_cpu_megatron
-    from mora_dist.training import ReMoRACallback
+    from mora_dist.training import ReMoRACallback, megatron_state
 
     spec = importlib.util.spec_from_file_location("megatron_pretrain_hook", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
@@ -39,18 +40,28 @@ def _refusal() -> tuple[str, str]:
     enable_cpu_megatron()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     cpu_model_parallel_seed(1)
-    model = mora_model_provider(module.model_provider, MoRAConfig(r_hat=8, target_modules=["linear_qkv"]))()
+    model = mora_model_provider(module.model_provider, MoRAConfig(r_hat=8, mora_type=1,
+                                                                  target_modules=["linear_qkv", "linear_fc2"]))()
     model.config.bf16, model.config.params_dtype = True, torch.bfloat16
-    wrapped = Float16Module(model.config, model)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), wrapped)
-    optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-3, bf16=True), [ddp])
-    try:
-        MegatronReMoRA(ReMoRACallback(merge_every=2, restart_warmup=0), [ddp], optimizer)
-    except Exception as exc:  # the parent checks type and message
-        return type(exc).__name__, str(exc)
-    finally:
-        parallel_state.destroy_model_parallel()
-    return "", ""
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), Float16Module(model.config, model))
+    optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-2, bf16=True), [ddp])
+    remora = MegatronReMoRA(ReMoRACallback(merge_every=2, type_cycle=(1, 2), restart_warmup=0), [ddp], optimizer)
+    data, out = module.batches(), {"merges": []}
+    matrices = [layer.mora_M for _, layer in mora_layers(model)]
+    for iteration in (1, 2):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        output, loss_func = module.forward_step(data, ddp)
+        loss_func(output)[0].backward()
+        model.config.finalize_model_grads_func([ddp])
+        optimizer.step()
+        out["before" if iteration == 1 else "after"] = max(float(M.abs().max()) for M in matrices)
+        out["merges"].append((remora.step(iteration) or {}).get("remora/merges"))
+    out["module_M"] = max(float(M.abs().max()) for M in matrices)
+    out["master_M"] = max(float(megatron_state.get_full(optimizer, M).abs().max()) for M in matrices)
+    out["M_dtype"] = str(matrices[0].dtype)
+    parallel_state.destroy_model_parallel()
+    return out
 
 
 def test_pretrain_hook_example_trains_and_merges_every_cycle():
@@ -64,7 +75,11 @@ def test_pretrain_hook_example_trains_and_merges_every_cycle():
     assert history[-1]["loss"] < history[0]["loss"] - 0.05
 
 
-def test_remora_with_fp32_masters_is_refused():
-    kind, msg = run_workers(_refusal, 1, timeout_s=240)[0]
-    assert kind == "MoRAConfigError"
-    assert "Float16OptimizerWithFloat16Params" in msg and "--bf16" in msg and "without ReMoRA" in msg
+def test_remora_under_bf16_zeroes_m_in_the_module_and_the_fp32_master():
+    """``--bf16``: Float16Module and Megatron's Float16 optimizer (fp32 masters). The merge at iteration 2 leaves
+    M = 0 in the module and in the optimizer's master (a master left alone would copy the old M back at the next
+    step); M itself stays fp32 under Float16Module."""
+    out = run_workers(_bf16_run, 1, timeout_s=240)[0]
+    assert out["merges"] == [None, 1.0]
+    assert out["after"] > 0 and out["module_M"] == 0.0 and out["master_M"] == 0.0
+    assert out["M_dtype"] == "torch.float32"
