@@ -32,7 +32,7 @@ from mora_dist.errors import MoRAConfigError
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.model import mora_layers
 from mora_dist.operators import compute_r_hat, lora_factors
-from mora_dist.targeting import plan_modules_to_save
+from mora_dist.parallel import pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,13 @@ Factors = list[tuple[torch.Tensor, torch.Tensor]]  # [(A: (r_i, k), B: (d, r_i))
 
 
 def _master(optimizer: Any, p: nn.Parameter) -> torch.Tensor | None:
-    """The fp32 master of ``p`` (collective under ZeRO), or ``None`` without an optimizer."""
+    """The fp32 master of ``p`` (DeepSpeed or megatron-core optimizer; collective under ZeRO / the distributed
+    optimizer), or ``None`` without an optimizer."""
     if optimizer is None:
         return None
-    from mora_dist.training import zero_state
+    from mora_dist.training.optimizer_state import backend_for
 
-    return zero_state.get_full(optimizer, p)
+    return backend_for(optimizer).get_full(optimizer, p)
 
 
 def global_matrices(model: nn.Module, optimizer: Any = None) -> dict[str, torch.Tensor]:
@@ -150,7 +151,7 @@ def target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     short = sorted({name.rpartition(".")[2] for name in names})
     chosen = set(names)
     inner = {f"{name}.base_layer" for name in names}
-    for name, module in model.named_modules():
+    for name, module, _, _ in pipeline.named_modules(model):
         if name in chosen or name in inner or not isinstance(module, nn.Linear):
             continue
         if name.rpartition(".")[2] in short:
@@ -173,9 +174,24 @@ def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
     Raises:
         MoRAConfigError: a type-6 layer or cycle, before any collective.
     """
-    past = cycle_factors(cycles, _shapes(model)) if cycles else {}
+    group = pipeline.pipeline_group(model)
+    problems = []
+    try:  # every stage checks its own layers; all refuse together, before any collective
+        past = cycle_factors(cycles, _shapes(model)) if cycles else {}
+        _refuse_rope({name: layer.mora_type for name, layer in mora_layers(model)}, "peft-lora export")
+    except MoRAConfigError as exc:
+        problems.append(str(exc))
+    pipeline.raise_if_any(problems, group, MoRAConfigError, "")
     terms = live_factors(model, optimizer)
-    return {name: past.get(name, []) + live for name, live in terms.items()}
+    return _merge_stages({name: past.get(name, []) + live for name, live in terms.items()}, group)
+
+
+def _merge_stages(values: dict[str, Any], group: Any) -> dict[str, Any]:
+    """The union of every pipeline stage's ``{global module name: value}`` (every stage receives it)."""
+    merged: dict[str, Any] = {}
+    for part in pipeline.all_gather(values, group):
+        merged.update(part)
+    return merged
 
 
 def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, model: nn.Module,
@@ -218,7 +234,7 @@ def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any 
     Args:
         model: a MoRA model (types 1-4) or a LoRA model (ReLoRA), adapters unmerged.
         path: the adapter folder (replaced atomically).
-        optimizer: read the trainable tensors from this optimizer's fp32 masters (DeepSpeed bf16).
+        optimizer: read the trainable tensors from this optimizer's fp32 masters (DeepSpeed or megatron-core).
         cycles: the merge cycles the ReMoRA / ReLoRA callback kept; the adapter then applies to the run's
             *starting* base weights.
         modules_to_save: fully trained modules to include (default: the MoRA config's ``modules_to_save``).
@@ -234,16 +250,26 @@ def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any 
     Spec: §2.5.
     """
     terms = peft_lora_terms(model, optimizer=optimizer, cycles=cycles)
-    config = getattr(model, "mora_config", None)
+    config = _mora_config(model)
     names = modules_to_save if modules_to_save is not None else getattr(config, "modules_to_save", None)
     extra = modules_to_save_state(model, names)
     if not _is_rank0():
         return {}
     mora_bytes = None
     if config is not None:
-        mora_bytes = sum(layer.r_hat**2 * 4 for _, layer in mora_layers(model)) + _nbytes(extra)
-    return write_peft_lora(path, terms, model=model, extra=extra, modules_to_save=plan_modules_to_save(model, names),
+        mora_bytes = sum(4 * A.shape[0] ** 2 for A, _ in (factors[-1] for factors in terms.values()))
+        mora_bytes += _nbytes(extra)
+    return write_peft_lora(path, terms, model=model, extra=extra, modules_to_save=_module_names(extra),
                            dropout=_dropout(model), mora_bytes=mora_bytes)
+
+
+def _mora_config(model: Any) -> Any:
+    return getattr(pipeline.model_chunks(model)[0], "mora_config", None)
+
+
+def _module_names(extra: Mapping[str, torch.Tensor]) -> list[str]:
+    """The modules holding the ``modules_to_save`` tensors (PEFT wraps each and reads ``<module>.<param>``)."""
+    return sorted({key[len(PREFIX):].rpartition(".")[0] for key in extra})
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -258,7 +284,7 @@ def _features(layer: nn.Module) -> tuple[int, int]:
 
 
 def _dropout(model: nn.Module) -> float:
-    config = getattr(model, "mora_config", None)
+    config = _mora_config(model)
     if config is not None:
         return float(config.dropout)
     rates = {float(getattr(layer.lora_dropout, "p", 0.0)) for _, layer in lora_layers(model)}
@@ -275,7 +301,7 @@ def save_mora_authors(model: nn.Module, path: str | os.PathLike, *, optimizer: A
 
     Spec: §2.5.
     """
-    config = getattr(model, "mora_config", None)
+    config = _mora_config(model)
     layers = dict(mora_layers(model))
     if config is None or not layers:
         raise MoRAConfigError("mora-authors export: the model has no MoRA layers (apply_mora or load_mora first)")
@@ -284,14 +310,17 @@ def save_mora_authors(model: nn.Module, path: str | os.PathLike, *, optimizer: A
         raise MoRAConfigError(f"mora-authors export: the layers use types {sorted(types)}, the authors' config holds "
                               "one mora_type; export format='mora' or 'peft-lora'")
     mora_type = types.pop()
+    problems = []
     for name, layer in layers.items():
         expected = compute_r_hat(layer.in_features, layer.out_features, config.r, mora_type)
         if layer.r_hat != expected:
-            raise MoRAConfigError(
+            problems.append(
                 f"mora-authors export: layer {name!r} has r_hat={layer.r_hat}, but the authors' fork recomputes "
                 f"r_hat={expected} from r={config.r} (their config has no r_hat); export format='mora' or 'peft-lora'"
             )
-    matrices = global_matrices(model, optimizer)
+    group = pipeline.pipeline_group(model)
+    pipeline.raise_if_any(problems, group, MoRAConfigError, "")
+    matrices = _merge_stages(global_matrices(model, optimizer), group)
     extra = modules_to_save_state(model)
     if not _is_rank0():
         return {}
@@ -304,7 +333,7 @@ def save_mora_authors(model: nn.Module, path: str | os.PathLike, *, optimizer: A
         "peft_type": "LORA", "use_mora": True, "mora_type": resolve_mora_type(mora_type), "r": config.r,
         "lora_alpha": config.r, "lora_dropout": float(config.dropout), "bias": "none", "task_type": None,
         "target_modules": target_modules(model, list(layers)), "inference_mode": True,
-        "modules_to_save": plan_modules_to_save(model, config.modules_to_save) or None,
+        "modules_to_save": _module_names(extra) or None,
         "base_model_name_or_path": _base_name(model),
     }
     write_adapter_dir(path, values, state)
