@@ -186,7 +186,8 @@ class RestartCallback(Callback):
         layers = self._layers(engine.module)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         # Plan every write first: a merge that cannot complete must leave W and the adapters untouched.
-        names = {id(layer): name for name, layer in engine.module.named_modules()}
+        chunks = engine.module if isinstance(engine.module, (list, tuple)) else [engine.module]  # pipeline chunks
+        names = {id(layer): name for chunk in chunks for name, layer in chunk.named_modules()}
         plan = [(f"{names.get(id(layer), '?')}.{name}", getattr(layer, name), value)
                 for layer in layers for name, value in self._reinit_values(layer, generator).items()]
         state.check(engine.optimizer, [(name, param) for name, param, _ in plan])
