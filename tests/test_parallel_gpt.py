@@ -60,11 +60,25 @@ def _gpt(tp: int):
     )
 
 
-def _adapted(tp: int, mora_type: int, grad_sync: str = "backward"):
+def _adapted(tp: int, mora_type: int, grad_sync: str = "backward", dropout: float = 0.0):
     from mora_dist import MoRAConfig, apply_mora
 
-    config = MoRAConfig(r_hat=8, mora_type=mora_type, target_modules=TARGETS, tensor_parallel_grad_sync=grad_sync)
+    config = MoRAConfig(r_hat=8, mora_type=mora_type, target_modules=TARGETS, tensor_parallel_grad_sync=grad_sync,
+                        dropout=dropout)
     return apply_mora(_gpt(tp), config)
+
+
+def _m_grads(model, attr: str = "grad") -> dict[str, torch.Tensor]:
+    """Every layer's global ``M`` gradient (``grad`` or Megatron's ``main_grad``), sharded ones gathered."""
+    from mora_dist.parallel.mappings import gather_matrix_shards
+
+    out = {}
+    for name, layer in _mora_layers(model):
+        grad = getattr(layer.mora_M, attr).detach()
+        if layer.plan.m_dim is not None:
+            grad = gather_matrix_shards(grad, layer._m_ids_per_rank(), layer.plan.m_dim, layer.tp_group)
+        out[name] = grad.clone()
+    return out
 
 
 def _batch():
@@ -84,23 +98,27 @@ def _logits(model) -> torch.Tensor:
         return gather_from_tensor_model_parallel_region(model(ids, pos, mask)).detach()
 
 
-def _train(model) -> list[float]:
+def _train(model) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    """Losses of ``STEPS`` AdamW steps and the M gradients of the first and last step."""
     ids, pos, mask, labels = _batch()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01)
-    losses = []
-    for _ in range(STEPS):
+    losses, grads = [], []
+    for step in range(STEPS):
         opt.zero_grad()
         loss = model(ids, pos, mask, labels=labels).mean()
         loss.backward()
+        if step in (0, STEPS - 1):
+            grads.append(_m_grads(model))
         opt.step()
         losses.append(loss.item())
-    return losses
+    return losses, grads
 
 
-def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2, finalize=None) -> list[float]:
+def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2, finalize=None):
     """Megatron's own loop pieces: DDP gradient buffers (``main_grad``), accumulation under ``no_sync``,
-    ``finalize_model_grads`` (or ``finalize``); AdamW steps on ``main_grad`` as megatron's FP32 optimizer does."""
+    ``finalize_model_grads`` (or ``finalize``); AdamW steps on ``main_grad`` as megatron's FP32 optimizer does.
+    Returns the losses and every step's finalized ``main_grad`` of the matrices."""
     import contextlib
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -111,7 +129,7 @@ def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2, finalize=
     params = [p for p in ddp.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01)
     ids, pos, mask, labels = _batch()
-    losses = []
+    losses, grads = [], []
     for _ in range(steps):
         ddp.zero_grad_buffer()
         opt.zero_grad()
@@ -123,11 +141,28 @@ def _train_megatron_ddp(model, steps: int = 3, micro_batches: int = 2, finalize=
                 loss.backward()
             total += loss.item()
         finalize([ddp])
+        grads.append(_m_grads(model, "main_grad"))
         for p in params:
             p.grad = p.main_grad
         opt.step()
         losses.append(total)
-    return losses
+    return losses, grads
+
+
+def _dropout_step(tp: int, mora_type: int) -> dict:
+    """Adapter dropout 0.3, non-zero M: training-mode logits and M gradients from the same generator state."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    model = _adapted(tp, mora_type, dropout=0.3)
+    g = torch.Generator().manual_seed(3)
+    for _, layer in _mora_layers(model):
+        layer.set_global_M(torch.randn(layer.r_hat, layer.r_hat, generator=g) * 0.2)
+    ids, pos, mask, labels = _batch()
+    torch.manual_seed(11)
+    logits = gather_from_tensor_model_parallel_region(model(ids, pos, mask)).detach()
+    torch.manual_seed(11)
+    model(ids, pos, mask, labels=labels).mean().backward()
+    return {"logits": logits, "grads": _m_grads(model)}
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -161,9 +196,15 @@ def _gpt_worker(tp: int, root: str) -> dict:
 
         from mora_dist.parallel import finalize_model_grads
 
-        out["ddp_losses"] = _train_megatron_ddp(_adapted(tp, 6))
-        out["ddp_losses_step"] = _train_megatron_ddp(_adapted(tp, 6, "step"), finalize=finalize_model_grads)
-        out["ddp_losses_step_megatron_only"] = _train_megatron_ddp(_adapted(tp, 6, "step"), finalize=megatron_finalize)
+        out["ddp_losses"], out["ddp_grads"] = _train_megatron_ddp(_adapted(tp, 6))
+        out["ddp_losses_step"], out["ddp_grads_step"] = _train_megatron_ddp(
+            _adapted(tp, 6, "step"), finalize=finalize_model_grads
+        )
+        out["ddp_losses_step_megatron_only"], _ = _train_megatron_ddp(
+            _adapted(tp, 6, "step"), finalize=megatron_finalize
+        )
+        for t in TYPES:
+            out[f"t{t}/dropout"] = _dropout_step(tp, t)
     for t in TYPES:
         if tp == 4:  # resharding only: load what TP = 2 saved
             model = load_mora(_gpt(tp), f"{root}/adapter_t{t}")
@@ -174,7 +215,7 @@ def _gpt_worker(tp: int, root: str) -> dict:
             continue
         model = _adapted(tp, t)
         out[f"t{t}/base"] = _logits(model)
-        out[f"t{t}/losses"] = _train(model)
+        out[f"t{t}/losses"], out[f"t{t}/grads"] = _train(model)
         out[f"t{t}/trained"] = _logits(model)
         out[f"t{t}/replicated"] = [layer.plan.m_dim is None for _, layer in _mora_layers(model)]
         if t != 6:  # the PEFT LoRA export gathers sharded matrices (type 2: every M sharded at TP = 2)
@@ -223,9 +264,22 @@ def _close(actual, expected, tol, what):
     torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=tol, atol=tol, msg=what)
 
 
+def _close_grads(actual: dict, expected: dict, what: str) -> None:
+    """Every layer's M gradient equal to TP = 1's, to 1e-4 of its scale (a factor 2 or a partial sum fails)."""
+    assert set(actual) == set(expected)
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0, name
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(actual[name], grad, rtol=0, atol=1e-4 * scale, msg=f"{what}: {name}")
+
+
 @pytest.mark.parametrize("mora_type", TYPES)
 def test_training_at_tp2_matches_tp1(runs, mora_type):
-    """Five AdamW steps at TP = 2 give the TP = 1 losses and logits (1e-5).
+    """Five AdamW steps at TP = 2 give the TP = 1 losses, logits and M gradients (first and last step, 1e-5).
+
+    The gradients matter: AdamW is scale-invariant, so a doubled reduction can still give the TP = 1 losses
+    (checked: doubling the gradient in ``mappings._ReduceReplicatedGrad.backward`` fails this test, the DDP test
+    and the type-6 dropout test; doubling the sum in ``sum_replicated_grads`` fails the step-mode test).
 
     With type 6 every matrix is replicated, so this fails if the SUM reduction of a replicated matrix's
     gradient over TP is left out (each rank would step with its partial gradient; seen failing on the losses
@@ -242,6 +296,8 @@ def test_training_at_tp2_matches_tp1(runs, mora_type):
         _close(rank[f"{t}/base"], ref[f"{t}/base"], 1e-5, "base logits")
         _close(rank[f"{t}/losses"], ref[f"{t}/losses"], 1e-5, "losses")
         _close(rank[f"{t}/trained"], ref[f"{t}/trained"], 1e-5, "trained logits")
+        for i, step in enumerate((0, STEPS - 1)):
+            _close_grads(rank[f"{t}/grads"][i], ref[f"{t}/grads"][i], f"M gradient, step {step}")
 
 
 @pytest.mark.parametrize("mora_type", TYPES)
@@ -310,6 +366,8 @@ def test_megatron_ddp_gradient_accumulation_at_tp2_matches_tp1(runs):
     assert ref[-1] < ref[0]
     for rank in runs[2]:
         _close(rank["ddp_losses"], ref, 1e-5, "ddp losses")
+        for step, grads in enumerate(rank["ddp_grads"]):
+            _close_grads(grads, runs[1][0]["ddp_grads"][step], f"main_grad, step {step}")
 
 
 def test_once_per_step_grad_sync_at_tp2_matches_tp1(runs):
@@ -321,5 +379,19 @@ def test_once_per_step_grad_sync_at_tp2_matches_tp1(runs):
     torch.testing.assert_close(torch.tensor(runs[1][0]["ddp_losses_step"]), torch.tensor(ref), rtol=0, atol=1e-6)
     for rank in runs[2]:
         _close(rank["ddp_losses_step"], ref, 1e-5, "step-sync ddp losses")
+        for step, grads in enumerate(rank["ddp_grads_step"]):  # a doubled or missing step sum fails here
+            _close_grads(grads, runs[1][0]["ddp_grads"][step], f"step-sync main_grad, step {step}")
         unreduced = torch.tensor(rank["ddp_losses_step_megatron_only"])
         assert (unreduced - torch.tensor(ref)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mora_type", TYPES)
+def test_adapter_dropout_at_tp2_matches_tp1(runs, mora_type):
+    """Adapter dropout 0.3 with a non-zero M, same seed: TP = 2 logits and M gradients equal TP = 1. Catches a
+    mask drawn per shard (row-parallel layers see k / tp input columns; each rank would draw the same pattern
+    for its own columns) instead of TP = 1's mask of the global input."""
+    ref = runs[1][0][f"t{mora_type}/dropout"]
+    for rank in runs[2]:
+        got = rank[f"t{mora_type}/dropout"]
+        _close(got["logits"], ref["logits"], 1e-5, "logits with dropout")
+        _close_grads(got["grads"], ref["grads"], "M gradient with dropout")

@@ -47,12 +47,22 @@ def _cases() -> list[dict]:
             dict(kind="column", name="gathered", k=24, d=64, r_hat=8, type=t, stride=1, edge=True),
             dict(kind="row", name="scattered", k=64, d=24, r_hat=8, type=t, stride=1, edge=True),
         ]
+    # adapter dropout 0.3: the mask must be TP = 1's (whole input, sequence chunk, feature columns)
+    cases += [
+        dict(kind="column", name="linear_fc1", k=24, d=96, r_hat=8, type=2, stride=2, sp=True, dropout=0.3),
+        dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=6, stride=1, sp=True, fuse=False,
+             dropout=0.3),
+        dict(kind="row", name="linear_proj", k=64, d=24, r_hat=8, type=2, stride=1, dropout=0.3),
+        dict(kind="row", name="linear_proj", k=64, d=24, r_hat=8, type=6, stride=1, sp=True, fuse=False,
+             dropout=0.3),
+    ]
     for i, case in enumerate(cases):
         case.setdefault("edge", False)
+        case.setdefault("dropout", 0.0)
         case.setdefault("sp", False)
         case.setdefault("fuse", True)
         case["seed"] = 100 + i
-        suffix = ("-sp" if case["sp"] else "") + ("" if case["fuse"] else "-te")
+        suffix = ("-sp" if case["sp"] else "") + ("" if case["fuse"] else "-te") + ("-drop" if case["dropout"] else "")
         case["id"] = f"{case['kind']}-{case['name']}-t{case['type']}{suffix}"
     return cases
 
@@ -111,7 +121,8 @@ def _build(case: dict, tp: int):
     with torch.no_grad():  # a non-zero bias, the same global vector at every TP size
         bias = torch.randn(case["d"], generator=torch.Generator().manual_seed(case["seed"] + 7))
         base.bias.copy_(bias if case["kind"] == "row" else bias[_rows(case["d"], tp, base_rank(), case["stride"])])
-    return cls(base, case["r_hat"], case["type"], name=case["name"], fuse_with_base_comm=case["fuse"])
+    return cls(base, case["r_hat"], case["type"], name=case["name"], fuse_with_base_comm=case["fuse"],
+               dropout=case.get("dropout", 0.0))
 
 
 def base_rank() -> int:
@@ -135,6 +146,7 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
             x = X if case["edge"] else X.chunk(tp, -1)[rank]
             g = G.chunk(tp, 0)[rank] if sp else G
         x = x.clone().requires_grad_(True)
+        torch.manual_seed(case["seed"])  # the same default generator state at every TP size (dropout cases)
         y, bias = layer(x)
         assert bias is None
         (y * g).sum().backward()
@@ -162,8 +174,75 @@ def _layer_worker(tp: int, cases: list[dict]) -> dict:
             errors[name] = (type(exc).__name__, str(exc))
     errors["type_switch"] = _switch_types(tp)
     out["errors"] = errors
+    if tp == 2:
+        out["collectives"] = {c["id"]: _count_collectives(c, tp) for c in COUNT_CASES}
     close_megatron()
     return portable(out)
+
+
+COUNT_CASES = [
+    dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=2, stride=1, sp=False, id="column-sharded"),
+    dict(kind="column", name="linear_fc1", k=24, d=96, r_hat=8, type=2, stride=2, sp=True, id="column-sharded-sp"),
+    dict(kind="row", name="linear_fc2", k=64, d=24, r_hat=8, type=2, stride=1, sp=False, id="row-sharded"),
+    dict(kind="row", name="linear_proj", k=64, d=24, r_hat=8, type=2, stride=1, sp=True, id="row-sharded-sp"),
+    dict(kind="column", name="linear_qkv", k=24, d=64, r_hat=8, type=6, stride=1, sp=False, id="column-replicated"),
+    dict(kind="row", name="linear_fc2", k=64, d=24, r_hat=8, type=6, stride=1, sp=False, id="row-replicated"),
+    dict(kind="row", name="linear_fc2", k=64, d=24, r_hat=8, type=6, stride=1, sp=False, id="row-replicated-step",
+         grad_sync="step"),
+]
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
+                "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "all_to_all_single")
+
+
+def _count_collectives(case: dict, tp: int) -> tuple[dict, dict]:
+    """Collective calls during one forward + backward of the base layer alone, then of the MoRA layer around it.
+
+    Counts every ``torch.distributed`` collective, also through the aliases megatron binds at import
+    (``dist_all_gather_func`` / ``dist_reduce_scatter_func``), by wrapping them for the duration.
+    """
+    from megatron.core.tensor_parallel import layers as mlayers
+    from megatron.core.tensor_parallel import mappings as mmappings
+
+    case = {**case, "edge": False, "fuse": True, "seed": 5}
+    layer = _build(case, tp)
+    if case.get("grad_sync") == "step":
+        from mora_dist.parallel.layers import MoRAColumnParallelLinear, MoRARowParallelLinear
+
+        cls = MoRARowParallelLinear if case["kind"] == "row" else MoRAColumnParallelLinear
+        layer = cls(layer.base_layer, case["r_hat"], case["type"], name=case["name"], grad_sync="step")
+    M, X, _ = _data(case)
+    layer.set_global_M(M)
+    rank = base_rank()
+    if case["kind"] == "column":
+        x = X.chunk(tp, 0)[rank] if case["sp"] else X
+    else:
+        x = X.chunk(tp, -1)[rank]
+    counts: dict[str, int] = {}
+    targets = [(torch.distributed, name) for name in _COLLECTIVES]
+    targets += [(m, n) for m in (mlayers, mmappings) for n in ("dist_all_gather_func", "dist_reduce_scatter_func")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            counts[fn.__name__] = counts.get(fn.__name__, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    results = []
+    try:
+        for owner, name, fn in originals:
+            setattr(owner, name, counted(fn))
+        for module in (layer.base_layer, layer):
+            counts.clear()
+            inp = x.clone().requires_grad_(True)
+            y, _ = module(inp)
+            y.sum().backward()
+            results.append(dict(counts))
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    return results[0], results[1]
 
 
 def _switch_types(tp: int) -> tuple[str, str]:
@@ -268,7 +347,10 @@ def _replicated(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+NO_DROPOUT = [c for c in CASES if not c["dropout"]]
+
+
+@pytest.mark.parametrize("case", NO_DROPOUT, ids=[c["id"] for c in NO_DROPOUT])
 def test_tp1_layer_matches_dense_oracle(case):
     """TP = 1 wrapper vs the float64 oracle: catches a wrapper that feeds the operator the wrong ids or bias."""
     (res,) = _results(1)
@@ -292,7 +374,8 @@ def test_tp_n_equals_tp1(case, tp):
     Catches: local instead of global ids (fused qkv/gated fc1 layouts), a replicated M whose gradient is not
     SUM-reduced over TP (each rank would hold a partial gradient), an adapter added after the row-parallel
     all-reduce (counted tp times), a missing input-gradient reduction of the adapter branch, and wrong
-    sequence-parallel gathers.
+    sequence-parallel gathers; with adapter dropout (``-drop``), a mask drawn per shard (every rank the same
+    pattern on its own columns or sequence chunk) instead of TP = 1's mask of the global input.
     """
     ref, ranks = _results(1)[0][case["id"]], _results(tp)
     for key in ("y", "dx", "gM", "dW", "W"):
@@ -332,3 +415,16 @@ def test_unshardable_shape_raises_clear_error():
     kind, msg = errors["uneven_row"]
     assert kind == "ShardingError"
     assert "in_features=56" in msg and "r_hat=" in msg and "would shard" in msg
+
+
+@pytest.mark.parametrize("case", COUNT_CASES, ids=[c["id"] for c in COUNT_CASES])
+def test_sharded_m_adds_no_collective_and_replicated_m_one_all_reduce(case):
+    """Counted ``torch.distributed`` calls in one forward + backward at TP = 2, MoRA layer vs its base alone.
+    Sharded ``M`` (interleave / block-sum with aligned groups): exactly the base layer's collectives (the
+    adapter rides on its all-reduce, all-gather or reduce-scatter). Replicated ``M``: one more all-reduce (its
+    gradient, in backward), none with ``tensor_parallel_grad_sync="step"`` (summed once per optimizer step)."""
+    base, mora = _results(2)[0]["collectives"][case["id"]]
+    assert sum(base.values()) >= 1, base  # the counter sees the base layer's own collectives
+    extra = {k: mora.get(k, 0) - base.get(k, 0) for k in set(base) | set(mora)}
+    expected = 1 if case["type"] == 6 and case.get("grad_sync", "backward") == "backward" else 0
+    assert {k: v for k, v in extra.items() if v} == ({"all_reduce": 1} if expected else {}), (base, mora)

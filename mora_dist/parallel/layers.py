@@ -204,6 +204,27 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
                 M.grad = M.grad.to(kept.dtype)
         return self
 
+    def _dropout(self, x: torch.Tensor, split: str | None = None) -> torch.Tensor:
+        """Adapter dropout with the TP = 1 mask: the mask of the global input, restricted to this rank's part.
+
+        ``split``: None when ``x`` is the whole input (every rank draws the same mask, as TP = 1 does);
+        ``"features"`` when ``x: [s, b, k / tp]`` holds the input columns ``plan.in_ids``; ``"sequence"`` when
+        ``x: [s / tp, b, k]`` holds this rank's contiguous chunk of the sequence. The mask is drawn for the
+        global shape from the default generator, whose state megatron keeps equal over the TP ranks (its
+        tensor-parallel tracker gives each rank a different state, the opposite of what is needed here), so TP
+        = n draws the very numbers TP = 1 draws, at the cost of TP = 1's draw. Spec: §4.
+        """
+        drop = self.mora_dropout
+        if split is None or self.tp_size == 1 or not isinstance(drop, nn.Dropout) or not drop.training:
+            return drop(x)
+        if split == "features":
+            ones = x.new_ones(*x.shape[:-1], self.in_features)
+            mask = nn.functional.dropout(ones, drop.p).index_select(-1, self.plan.in_ids.to(x.device))
+        else:
+            ones = x.new_ones(x.shape[0] * self.tp_size, *x.shape[1:])
+            mask = nn.functional.dropout(ones, drop.p).narrow(0, self.tp_rank * x.shape[0], x.shape[0])
+        return x * mask
+
     def _m_ids_per_rank(self) -> list[torch.Tensor]:
         return [partition_ids(self.r_hat, self.tp_size, t, stride=self.plan.m_stride) for t in range(self.tp_size)]
 
@@ -307,7 +328,7 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
         bias = base.bias if not base.skip_bias_add else None
         # The base output is fresh and read by no one else: the adapter adds into it.
         output = self.operator.forward(
-            self.mora_dropout(x), self._matrix(x), self._linear(x, weight, bias), inplace=True
+            self._dropout(x), self._matrix(x), self._linear(x, weight, bias), inplace=True
         )
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
@@ -318,7 +339,8 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
         """Adapter next to a base that runs its own collectives: compress the local tokens, then gather the
         ``r_hat``-wide ``u`` along the sequence (sequence parallel) or all-reduce its gradient."""
         M = self._matrix(input_)
-        u = self.operator.compress(self.mora_dropout(input_).to(M.dtype))
+        split = "sequence" if self.base_layer.sequence_parallel else None
+        u = self.operator.compress(self._dropout(input_, split).to(M.dtype))
         if self.base_layer.sequence_parallel:
             u = mm.gather_from_sequence_parallel_region(u, tensor_parallel_output_grad=True, group=self.tp_group)
         else:
@@ -352,7 +374,7 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
             output_, bias = base(input_)
             return self._forward_beside(x, output_), bias
         partial = self.operator.forward(
-            self.mora_dropout(x), self._matrix(x), self._linear(x, base.weight, None), inplace=True
+            self._dropout(x, "features"), self._matrix(x), self._linear(x, base.weight, None), inplace=True
         )
         if base.sequence_parallel:
             output_ = mm.reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
@@ -365,7 +387,7 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
     def _forward_beside(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Adapter next to a base that reduces by itself: reduce the ``r_hat``-wide partial ``z`` instead."""
         M = self._matrix(x)
-        u = self.operator.compress(self.mora_dropout(x).to(M.dtype))
+        u = self.operator.compress(self._dropout(x, "features").to(M.dtype))
         z = self.operator.apply_matrix(u, M)
         if self.base_layer.sequence_parallel:
             z = mm.reduce_scatter_to_sequence_parallel_region(z, group=self.tp_group)
