@@ -57,10 +57,12 @@ def test_set_overrides_nested_keys_list_items_and_json_values():
         ({"model.pretrained": "/no/ckpt"}, ["model.pretrained='/no/ckpt' does not exist"]),
         ({"lora": {"r": 8, "target_modules": "all-linear"}}, ["mora and lora are both set"]),
         ({"model.backend": "megatron"}, ["tensor_parallel_sharding='replicate'"]),
+        ({"mora.tensor_parallel_grad_sync": "step"},
+         ["mora.tensor_parallel_grad_sync='step' is not performed by the DeepSpeed training loop", "'backward'"]),
     ],
     ids=["unknown-key", "unknown-mora-key", "wrong-type", "out-of-range", "bad-mora-type", "missing-corpus",
          "missing-tokenizer", "batch-not-multiple", "type-cycle-mismatch", "cycle-misaligned", "ds-batch-key",
-         "missing-checkpoint", "mora-and-lora", "megatron-type-cycle-sharding"],
+         "missing-checkpoint", "mora-and-lora", "megatron-type-cycle-sharding", "step-sync-under-deepspeed"],
 )
 def test_bad_config_message_names_key_value_and_fix(edits, expected):
     message = _error(_raw(**edits))

@@ -241,6 +241,12 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
             out.append(f"model.hidden_size={a['hidden_size']} is not divisible by model.num_heads={a['num_heads']}")
         if a["num_heads"] % a["num_kv_heads"]:
             out.append(f"model.num_heads={a['num_heads']} is not divisible by model.num_kv_heads={a['num_kv_heads']}")
+    if cfg.mora is not None and cfg.mora.tensor_parallel_grad_sync == "step" and cfg.deepspeed is not None:
+        # DeepSpeed reduces gradients inside backward (ZeRO-2/3 in per-parameter hooks), so its loop has no point
+        # between the last micro-batch's backward and the optimizer step where M's gradient could be summed once.
+        out.append("mora.tensor_parallel_grad_sync='step' is not performed by the DeepSpeed training loop: use "
+                   "'backward' (the same gradients; one r_hat x r_hat all-reduce per micro-batch and layer), or a "
+                   "Megatron loop that calls mora_dist.parallel.finalize_model_grads")
     if m.backend == "megatron" and cfg.lora is not None:
         out.append("lora is available on backend 'hf' only: set model.backend='hf' or use mora")
     if cfg.remora is not None:
