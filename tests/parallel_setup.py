@@ -81,3 +81,49 @@ def gpt_batch(step: int, batch: int, seq: int, vocab_size: int = 96):
     position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
     return ids[:, :-1], position_ids, mask, ids[:, 1:]
+
+
+MORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+def megatron_mora_training(kind: str, *, seed: int = 0, lr: float = 1e-2, mora_dtype: str = "float32",
+                           freeze_first_M: bool = False):
+    """A tiny MoRA GPTModel (type 1) as megatron trains it: ``kind`` "fp32" (FP32Optimizer), "float16" (bf16
+    Float16Module + Float16OptimizerWithFloat16Params) or "distributed" (bf16 + DistributedOptimizer); returns
+    ``(ddp, optimizer)``. ``freeze_first_M`` leaves layer 0's ``linear_qkv.mora_M`` out of the optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    from mora_dist import MoRAConfig, apply_mora
+
+    bf16, distributed = kind != "fp32", kind == "distributed"
+    torch.manual_seed(seed)
+    model = tiny_gpt(bf16=bf16)
+    config = model.config
+    apply_mora(model, MoRAConfig(r=4, target_modules=MORA_TARGETS, mora_type=1, mora_dtype=mora_dtype))
+    if freeze_first_M:
+        model.decoder.layers[0].self_attention.linear_qkv.mora_M.requires_grad_(False)
+    if bf16:
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(lr=lr, weight_decay=0.0, bf16=bf16, use_distributed_optimizer=distributed), [ddp])
+    return ddp, optimizer
+
+
+def megatron_train_step(ddp, optimizer, step: int, batch: int = 4, seq: int = 8) -> float:
+    """One optimizer step on this data-parallel rank's part of the seeded batch ``step``; returns its loss."""
+    from megatron.core import parallel_state
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    ids, pos, mask, labels = gpt_batch(step, batch, seq)
+    part = slice(rank * batch // dp, (rank + 1) * batch // dp)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp(ids[part], pos[part], mask, labels=labels[part]).float().mean()
+    loss.backward()
+    ddp.finish_grad_sync()
+    if not optimizer.step()[0]:
+        raise RuntimeError(f"megatron optimizer skipped step {step}")
+    return float(loss)

@@ -4,47 +4,9 @@
 import pytest
 import torch
 from distributed import run_workers
-from parallel_setup import close_megatron, gpt_batch, init_megatron, tiny_gpt
+from parallel_setup import close_megatron, gpt_batch, init_megatron, megatron_mora_training, megatron_train_step
 
 MERGE, BATCH, SEQ, LR = 3, 4, 8, 1e-2
-TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-
-
-def _build(kind, *, mora_dtype="float32", freeze_first_M=False):
-    """MoRA GPTModel -> (bf16: Float16Module) -> megatron DDP -> get_megatron_optimizer."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
-
-    from mora_dist import MoRAConfig, apply_mora
-
-    bf16, distributed = kind != "fp32", kind == "distributed"
-    torch.manual_seed(0)
-    model = tiny_gpt(bf16=bf16)
-    config = model.config
-    apply_mora(model, MoRAConfig(r=4, target_modules=TARGETS, mora_type=1, mora_dtype=mora_dtype))
-    if freeze_first_M:
-        model.decoder.layers[0].self_attention.linear_qkv.mora_M.requires_grad_(False)
-    if bf16:
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed), model)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(lr=LR, weight_decay=0.0, bf16=bf16, use_distributed_optimizer=distributed), [ddp])
-    return ddp, optimizer
-
-
-def _train_step(ddp, optimizer, step):
-    """One optimizer step on this data-parallel rank's half of a seeded batch."""
-    from megatron.core import parallel_state
-
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    ids, pos, mask, labels = gpt_batch(step, BATCH, SEQ)
-    part = slice(rank * BATCH // dp, (rank + 1) * BATCH // dp)
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    ddp(ids[part], pos[part], mask, labels=labels[part]).float().mean().backward()
-    ddp.finish_grad_sync()
-    assert optimizer.step()[0]
 
 
 @torch.no_grad()
@@ -60,7 +22,7 @@ def _remora(kind, *, mora_dtype="float32"):
     from mora_dist.training.callbacks import CallbackList, TrainerEngineView
     from mora_dist.training.remora import ReMoRACallback
 
-    ddp, optimizer = _build(kind, mora_dtype=mora_dtype)
+    ddp, optimizer = megatron_mora_training(kind, lr=LR, mora_dtype=mora_dtype)
     engine = TrainerEngineView(ddp, optimizer, None, 0)
     callbacks = CallbackList([ReMoRACallback(merge_every=MERGE, type_cycle=(1, 2), restart_warmup=0)])
     callbacks.on_train_begin(engine)
@@ -70,7 +32,7 @@ def _remora(kind, *, mora_dtype="float32"):
                             if megatron_state._locate(optimizer, M).master is not None}}
     metrics = {}
     for step in range(1, MERGE + 1):
-        _train_step(ddp, optimizer, step)
+        megatron_train_step(ddp, optimizer, step, BATCH, SEQ)
         engine.global_steps = step
         if step == MERGE:
             before = _logits(ddp)
@@ -84,7 +46,7 @@ def _remora(kind, *, mora_dtype="float32"):
     keys = megatron_state.state_keys(optimizer, matrices[0])
     out["moment_keys"] = keys
     out["moments"] = max(float(megatron_state.get_full(optimizer, M, k).abs().max()) for M in matrices for k in keys)
-    _train_step(ddp, optimizer, MERGE + 1)
+    megatron_train_step(ddp, optimizer, MERGE + 1, BATCH, SEQ)
     out["M_after_step"] = max(float(M.abs().max()) for M in matrices)
     return out
 
@@ -96,12 +58,12 @@ def _refused(kind):
     from mora_dist.training.callbacks import TrainerEngineView
     from mora_dist.training.remora import ReMoRACallback
 
-    ddp, optimizer = _build(kind, freeze_first_M=True)
+    ddp, optimizer = megatron_mora_training(kind, lr=LR, freeze_first_M=True)
     engine = TrainerEngineView(ddp, optimizer, None, 0)
     callback = ReMoRACallback(merge_every=MERGE, type_cycle=(1, 2), restart_warmup=0)
     callback.on_train_begin(engine)
     for step in range(1, MERGE + 1):
-        _train_step(ddp, optimizer, step)
+        megatron_train_step(ddp, optimizer, step, BATCH, SEQ)
     engine.global_steps = MERGE
     layers = [layer for _, layer in mora_layers(ddp)]
     snapshot = [(layer.base_layer.weight.detach().clone(), layer.mora_M.detach().clone()) for layer in layers]

@@ -12,7 +12,9 @@ __all__ = [
     "ShardPlan",
     "enable_cpu_megatron",
     "finalize_model_grads",
+    "load_checkpoint",
     "plan_shard",
+    "save_checkpoint",
     "suggest_r_hat",
     "sum_replicated_grads",
 ]
@@ -25,6 +27,8 @@ _LAZY = {
     "suggest_r_hat": "layouts",
     "enable_cpu_megatron": "cpu_shim",
     "finalize_model_grads": "mappings",
+    "load_checkpoint": "checkpointing",
+    "save_checkpoint": "checkpointing",
     "sum_replicated_grads": "mappings",
 }
 

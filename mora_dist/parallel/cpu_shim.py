@@ -7,8 +7,9 @@ megatron-core assumes CUDA in places that matter for small CPU runs: the tensor-
 (``dist_checkpointing`` saves) and its optimizers: ``MixedPrecisionOptimizer``/``FP32Optimizer`` allocate
 their loss-scale and overflow flags with ``device='cuda'``, ``Float16OptimizerWithFloat16Params`` and
 ``DistributedOptimizer`` sort parameters by ``param.type()`` against ``'torch.cuda.*Tensor'`` names (and refuse
-anything else), and the grad-norm/clip helpers of ``optimizer/clip_grads.py`` allocate on ``'cuda'``. Those
-constructors and helpers run under :class:`_CudaAsCpu`, a ``TorchFunctionMode`` scoped to the call, which
+anything else), the grad-norm/clip helpers of ``optimizer/clip_grads.py`` allocate on ``'cuda'`` and the
+distributed optimizer's checkpoint gather/scatter moves shards there. Those constructors, helpers and checkpoint
+methods run under :class:`_CudaAsCpu`, a ``TorchFunctionMode`` scoped to the call, which
 allocates on the CPU and names CPU tensors as their CUDA types; the optimizer step itself (``torch.optim.AdamW``,
 megatron's fallback without Apex/Transformer Engine) runs unpatched. Nothing is patched on import;
 :func:`enable_cpu_megatron` patches, and only when ``torch.cuda.is_available()`` is false, so it is a no-op on
@@ -121,6 +122,9 @@ def _patch_megatron_optimizers() -> None:
         (moptimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (moptimizer.FP32Optimizer, "__init__"),
         (distrib_optimizer.DistributedOptimizer, "__init__"),
+        # checkpoints: the gather/scatter of parameter state moves shards to 'cuda' unless it uses gloo
+        (distrib_optimizer.DistributedOptimizer, "sharded_state_dict"),
+        (distrib_optimizer.DistributedOptimizer, "load_state_dict"),
         (moptimizer, "get_grad_norm_fp32"),
         (moptimizer, "clip_grad_by_total_norm_fp32"),
         (moptimizer, "count_zeros_fp32"),

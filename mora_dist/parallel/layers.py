@@ -21,6 +21,7 @@ Spec: §4.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 from mora_dist.config import MoRAConfig, resolve_dtype, resolve_mora_type
 from mora_dist.errors import MoRAConfigError, ShardingError
 from mora_dist.layer import MoRALayerMixin
+from mora_dist.merge import RESIDUAL
 from mora_dist.operators import MoRAOperator
 from mora_dist.parallel.layouts import ShardPlan, partition_ids, plan_shard
 from mora_dist.parallel.mappings import gather_matrix_shards, reduce_replicated_grad
@@ -247,11 +249,20 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
     # ---- dist_checkpointing ----
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """The base layer's sharded tensors under its usual keys, plus ``{prefix}mora_M``: split over TP like
-        the base weight (global shape ``(r_hat, r_hat)``) when sharded, else one replica per TP rank."""
+        the base weight (global shape ``(r_hat, r_hat)``) when sharded, else one replica per TP rank; and the
+        merge residual ``{prefix}mora_base_residual`` (bf16/fp16 base) sharded like the weight."""
         metadata = dict(metadata or {})
         dp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(with_context_parallel=True)
         metadata["dp_cp_group"] = dp_group
         state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        residual = getattr(self, RESIDUAL)
+        if residual is not None:
+            # This rank's part of what a bf16 base could not hold at the merges: sharded exactly like the weight,
+            # so a resumed run folds it into the next merge as the uninterrupted one does.
+            weight = state[f"{prefix}weight"]
+            extra = {"dtype": residual.dtype} if hasattr(weight, "dtype") else {}
+            state[f"{prefix}{RESIDUAL}"] = dataclasses.replace(weight, key=f"{prefix}{RESIDUAL}", data=residual,
+                                                               **extra)
         key = f"{prefix}mora_M"
         dp_rank = dist.get_rank(dp_group)
         if self.plan.m_dim is None:

@@ -59,6 +59,15 @@ def _kind(leaf: Any) -> str:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
+    config = getattr(leaf, "config", None)
+    for flag in ("use_precision_aware_optimizer", "optimizer_cpu_offload"):
+        if getattr(config, flag, False):  # the main params live inside TE's FusedAdam / the offload optimizer
+            raise MoRAError(f"megatron OptimizerConfig({flag}=True) is not supported by ReMoRA/ReLoRA merges: "
+                            "its fp32 main params are not reachable; set it to False")
+    if getattr(getattr(leaf, "ddp_config", None), "use_megatron_fsdp", False):
+        raise MoRAError("megatron FSDP (DistributedDataParallelConfig(use_megatron_fsdp=True)) is not supported by "
+                        "ReMoRA/ReLoRA merges; use megatron DistributedDataParallel")
+
     if isinstance(leaf, DistributedOptimizer):
         return "distributed"
     if isinstance(leaf, Float16OptimizerWithFloat16Params):
@@ -194,3 +203,46 @@ def zeroed_fraction(optimizer: Any, params: Sequence[nn.Parameter]) -> float:
             zeros += int((value == 0).sum())
             total += value.numel()
     return zeros / total if total else 0.0
+
+
+def prepare_for_load(optimizer: Any) -> None:
+    """Give a fresh ``DistributedOptimizer`` its Adam state before a checkpoint is loaded into it: without Apex or
+    Transformer Engine megatron-core 0.16 steps ``torch.optim.AdamW``, whose state is created at the first step,
+    and ``DistributedOptimizer.state_dict()`` (called by ``sharded_state_dict(..., is_loading=True)``) then
+    fails on an empty state. megatron's own dummy step (zero gradients) allocates it; the load overwrites it."""
+    for leaf in _leaves(optimizer):
+        if getattr(leaf, "is_stub_optimizer", False) or _kind(leaf) != "distributed" or leaf.optimizer.state:
+            continue
+        leaf._init_optimizer_states_with_dummy_values()
+
+
+def adam_steps(optimizer: Any) -> list[float | None]:
+    """Per leaf optimizer, the step count of its torch optimizer's state (``None`` without state)."""
+    steps: list[float | None] = []
+    for leaf in _leaves(optimizer):
+        inner = getattr(leaf, "optimizer", None)
+        state = next(iter(inner.state.values()), {}) if inner is not None else {}
+        step = state.get("step")
+        steps.append(None if step is None else float(step))
+    return steps
+
+
+@torch.no_grad()
+def set_adam_steps(optimizer: Any, steps: Sequence[float | None]) -> None:
+    """Restore :func:`adam_steps` after a checkpoint load. megatron-core 0.16's distributed optimizer restores
+    ``torch.optim.AdamW``'s per-parameter ``step`` from the in-memory placeholder, not from the checkpoint, so a
+    resumed run's bias correction would restart without this; and it gives every parameter the same ``step``
+    tensor, which AdamW's foreach step then increments once per parameter. Each parameter gets its own here."""
+    leaves = _leaves(optimizer)
+    if len(steps) != len(leaves):
+        raise MoRAError(f"checkpoint has Adam steps for {len(steps)} optimizers, the model's ChainedOptimizer has "
+                        f"{len(leaves)}; resume with the same model and optimizer configuration")
+    for leaf, step in zip(leaves, steps):
+        if step is None or getattr(leaf, "optimizer", None) is None:
+            continue
+        for state in leaf.optimizer.state.values():
+            old = state.get("step")
+            if torch.is_tensor(old):
+                state["step"] = torch.full_like(old, step)
+            elif old is not None:
+                state["step"] = step
