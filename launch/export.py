@@ -67,10 +67,10 @@ def _check_format(cfg, run_dir: str, adapter_only: bool, fmt: str, since_start: 
     if cfg.mora is None and not (fmt == "peft-lora" and cfg.lora is not None):
         raise MoRAConfigError(f"--adapter-only --format {fmt}: run {run_dir!r} trained method={cfg.method!r}, "
                               "which has no such adapter; export the merged model instead")
-    if fmt != "mora" and cfg.model.backend == "megatron":
-        raise MoRAConfigError(f"--format {fmt} on backend 'megatron': the adapter would be keyed by Megatron's fused "
-                              "module names (linear_qkv, linear_fc1), which Hugging Face models do not have; export "
-                              "the merged Hugging Face model (no --adapter-only) or --format mora")
+    if fmt == "mora-authors" and cfg.model.backend == "megatron":
+        raise MoRAConfigError("--format mora-authors on backend 'megatron': a MoRA matrix of the fused linear_qkv / "
+                              "linear_fc1 is no MoRA of Hugging Face's separate q/k/v or gate/up modules; use "
+                              "--format peft-lora (exact, Hugging Face names), --format mora, or the merged model")
 
 
 def _kept_cycles(run_dir: str, tag: str | None, cfg) -> list:
@@ -101,7 +101,13 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
     cfg = read_run_config(run_dir)
     out_path = Path(out)
     _check_format(cfg, run_dir, adapter_only, fmt, since_start)
-    if cfg.model.backend == "megatron":
+    cycles = _kept_cycles(run_dir, tag, cfg) if since_start else None
+    if cfg.model.backend == "megatron" and fmt == "peft-lora" and state_dict is None:
+        from mora_dist.run.megatron import export_megatron_peft_lora
+
+        export_megatron_peft_lora(run_dir, out_path, tag=tag, cycles=cycles)
+        model = None  # written: the tokenizer follows
+    elif cfg.model.backend == "megatron":
         if state_dict is not None:
             raise MoRAConfigError(f"--state-dict reads zero_to_fp32.py output of a Hugging Face backend run; run "
                                   f"{run_dir!r} is backend 'megatron': export it without --state-dict")
@@ -113,10 +119,11 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
 
         weights = read_state_dict(state_dict) if state_dict is not None else None
         _, model = load_hf_run_model(run_dir, tag, state_dict=weights)
-    if adapter_only and fmt == "peft-lora":
+    if model is None:
+        pass
+    elif adapter_only and fmt == "peft-lora":
         from mora_dist.export_formats import save_peft_lora
 
-        cycles = _kept_cycles(run_dir, tag, cfg) if since_start else None
         modules_to_save = cfg.mora.modules_to_save if cfg.mora is not None else cfg.lora.modules_to_save
         save_peft_lora(model, out_path, cycles=cycles, modules_to_save=modules_to_save)
     elif adapter_only:

@@ -41,3 +41,41 @@ def test_megatron_tp2_tiny_run_and_export_match(tmp_path):
         with torch.no_grad():
             loss = hf(input_ids=ids, labels=ids).loss.item()
         assert loss == pytest.approx(s[f"eval/{name}/loss"][30], rel=2e-5), name
+    _check_peft_lora_since_start(out, tmp_path, hf, torch.tensor(held_out[:2]))
+
+
+# The run's starting weights as a Hugging Face model: the TP = 1 init, which on CPU draws the same global weights
+# as the TP = 2 one (build_gpt), with its zero adapters dropped.
+_START = """
+import os, sys, torch.distributed as dist
+from mora_dist.model import unload
+from mora_dist.run.checkpoint import read_run_config
+from mora_dist.run.megatron import build_gpt, init_model_parallel, megatron_to_hf
+run, out, port = sys.argv[1:]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = read_run_config(run)
+init_model_parallel(1, cfg.training.seed)
+cfg1 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tensor_model_parallel_size": 1})})
+megatron_to_hf(unload(build_gpt(cfg1, cfg.model.vocab_size), merge=False), cfg).save_pretrained(out)
+"""
+
+
+def _check_peft_lora_since_start(out, tmp_path, merged, ids):
+    """``--format peft-lora --since-start`` of the TP = 2 Megatron run at step 30 (a type-1 cycle merged, a live
+    type-2 adapter, M replicated over TP), keyed by the Hugging Face module names, on the starting weights gives
+    the merged export's logits. Catches B rows split unlike the weights (fused qkv per query group, [gate; up]),
+    A not shared by the parts of a fused module, and embeddings / norms missing from modules_to_save."""
+    import peft
+    from launch_helpers import free_port
+
+    cmd = [sys.executable, "launch/export.py", "--run", str(out), "--out", str(tmp_path / "lora"), "--tag",
+           "step_0000030", "--adapter-only", "--format", "peft-lora", "--since-start"]
+    for args in (cmd, [sys.executable, "-c", _START, str(out), str(tmp_path / "start"), str(free_port())]):
+        proc = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=180)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    start = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "start")).eval()
+    served = peft.PeftModel.from_pretrained(start, str(tmp_path / "lora")).eval()
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(served.peft_config["default"].target_modules)
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)

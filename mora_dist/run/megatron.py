@@ -256,3 +256,70 @@ def export_megatron_run(run_dir: str | os.PathLike, *, tag: str | None = None, a
         return model
     return megatron_to_hf(unload(model, merge=True), cfg)
 
+
+# The Hugging Face modules a Megatron linear becomes: its rows are split by hf_megatron.megatron_to_hf (fused qkv
+# per query group, fc1 as [gate; up]); its input is shared, and so is a LoRA's A.
+_HF_PARTS = {
+    "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attention.linear_proj": ("self_attn.o_proj",),
+    "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.linear_fc2": ("mlp.down_proj",),
+}
+
+
+def export_megatron_peft_lora(run_dir: str | os.PathLike, out: str | os.PathLike, *, tag: str | None = None,
+                              cycles: list | None = None) -> dict[str, Any]:
+    """The run's MoRA adapter (with ``cycles``: its whole update since the start) as a PEFT LoRA for the Hugging
+    Face twin of the model: each ``B`` goes through the weight mapping, so its rows split exactly as the weight's,
+    and the parts of a fused module share its ``A``; ``modules_to_save`` under their Hugging Face names.
+
+    Raises:
+        MoRAConfigError: a type-6 layer or cycle, or an adapted / fully trained module without a Hugging Face
+            counterpart (nothing is written).
+
+    Spec: §2.5, §4.
+    """
+    from mora_dist.adapter_io import PREFIX
+    from mora_dist.errors import MoRAConfigError
+    from mora_dist.export_formats import peft_lora_terms, write_peft_lora
+    from mora_dist.model import mora_layers, unload
+    from mora_dist.run import hf_megatron
+    from mora_dist.targeting import plan_modules_to_save
+
+    cfg, model = load_megatron_run_tp1(run_dir, tag)
+    terms = peft_lora_terms(model, cycles=cycles)
+    mora_bytes = sum(layer.r_hat**2 * 4 for _, layer in mora_layers(model))
+    to_save = plan_modules_to_save(model, cfg.mora.modules_to_save)
+    unload(model, merge=False)
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    shape = gpt_shape(cfg)
+    rows = dict(sd)
+    for name, factors in terms.items():
+        rows[f"{name}.weight"] = torch.cat([B for _, B in factors], dim=1)  # (d, sum of ranks)
+    hf_rows = hf_megatron.megatron_to_hf(rows, shape)
+    hf_terms = {}
+    for name, factors in terms.items():
+        layer, _, sub = name.removeprefix("decoder.layers.").partition(".")
+        if not layer.isdigit() or sub not in _HF_PARTS:
+            raise MoRAConfigError(f"--format peft-lora: adapted module {name!r} has no Hugging Face counterpart; "
+                                  f"adapt only {sorted(_HF_PARTS)} or export the merged model")
+        A = torch.cat([a for a, _ in factors], dim=0)
+        for part in _HF_PARTS[sub]:
+            hf_terms[f"model.layers.{layer}.{part}"] = [(A, hf_rows[f"model.layers.{layer}.{part}.weight"])]
+    # Fully trained tensors move 1:1, so megatron_to_hf hands back the very tensor: match them by storage.
+    source = {(v.data_ptr(), tuple(v.shape)): k for k, v in sd.items()}
+    extra, found = {}, set()
+    for hf_key, value in hf_megatron.megatron_to_hf(sd, shape).items():
+        key = source.get((value.data_ptr(), tuple(value.shape)))
+        if key is not None and any(key.startswith(f"{m}.") for m in to_save):
+            extra[PREFIX + hf_key] = value
+            found.add(key)
+    lost = [k for k in sd if any(k.startswith(f"{m}.") for m in to_save) and k not in found]
+    if lost:
+        raise MoRAConfigError(f"--format peft-lora: trained tensors {lost[:3]} have no one-to-one Hugging Face "
+                              "counterpart (a fused norm?); export the merged model instead")
+    hf = megatron_to_hf(model, cfg)  # the base's Hugging Face twin: module names for target_modules
+    names = sorted({key[len(PREFIX):].rpartition(".")[0] for key in extra})
+    return write_peft_lora(out, hf_terms, model=hf, extra=extra, modules_to_save=names,
+                           dropout=float(cfg.mora.dropout), mora_bytes=mora_bytes + sum(
+                               t.numel() * t.element_size() for t in extra.values()))
