@@ -54,3 +54,24 @@ def test_zero3_eval_with_uneven_blocks_finishes_and_equals_the_single_process_lo
         assert results[0][key] == pytest.approx(value, rel=1e-5), key
     assert results[0]["eval/loss"] == pytest.approx((17 * expected["eval/a/loss"] + 3 * expected["eval/b/loss"]) / 20,
                                                     rel=1e-5)
+
+
+@pytest.mark.parametrize("pretrained,interval,flag,expected", [
+    (True, 0, None, True), (False, 0, None, False), (False, 5, None, True), (True, 5, False, False),
+    (False, 0, True, True)])
+def test_eval_at_start_defaults_on_for_continual_pretraining(tmp_path, pretrained, interval, flag, expected):
+    """``training.eval_at_start``: unset, a run from ``model.pretrained`` still logs its starting loss even
+    without ``eval_interval``; an explicit value wins."""
+    from mora_dist.run.config import RunConfig
+    from mora_dist.run.loop import eval_at_start
+
+    training = {"output_dir": str(tmp_path), "max_steps": 1, "micro_batch_size": 1, "global_batch_size": 1,
+                "eval_interval": interval}
+    if flag is not None:
+        training["eval_at_start"] = flag
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    cfg = RunConfig.model_validate({"model": {"pretrained": str(tmp_path)} if pretrained else {},
+                                    "optimizer": {"lr": 1e-3}, "training": training,
+                                    "data": {"sources": [{"name": "x", "path": "data/shakespeare/poems.txt.gz"}],
+                                             "tokenizer": "data/shakespeare/tokenizer.json", "seq_len": 16}})
+    assert eval_at_start(cfg) is expected

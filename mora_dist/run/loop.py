@@ -85,6 +85,13 @@ def evaluate_sets(engine: Any, backend: Any, eval_sets: dict[str, list[list[int]
     return out
 
 
+def eval_at_start(cfg: RunConfig) -> bool:
+    """Whether a new run evaluates before its first step (the starting loss): ``training.eval_at_start``, by
+    default on for continual pretraining (``model.pretrained``) and whenever ``eval_interval`` is set."""
+    t = cfg.training
+    return t.eval_at_start if t.eval_at_start is not None else bool(t.eval_interval or cfg.model.pretrained)
+
+
 class Trainer:
     """Runs ``training.max_steps`` optimizer steps from scratch or from the latest checkpoint."""
 
@@ -134,9 +141,7 @@ class Trainer:
         accum = engine.gradient_accumulation_steps()
         progress = ProgressLine(total_steps=t.max_steps, start_step=self.step,
                                 enabled=self.rank == 0 and cfg.logging.progress == "line")
-        eval_at_start = t.eval_at_start if t.eval_at_start is not None else bool(
-            t.eval_interval or cfg.model.pretrained)
-        if self.step == 0 and eval_at_start:  # the starting loss (of the pretrained model, for continual pretraining)
+        if self.step == 0 and eval_at_start(cfg):
             logs = self.evaluate(data.eval_sets)
             self.metrics.log_dict(logs, 0)
             self.last.update(logs)
