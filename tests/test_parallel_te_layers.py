@@ -151,7 +151,7 @@ def _gpt_run(tp: int, root: str) -> dict:
     model = apply_mora(_te_gpt(tp), config)
     out["classes"] = sorted({type(m).__name__ for _, m in mora_layers(model)})
     out["base"] = gpt._logits(model)
-    out["losses"] = gpt._train(model)
+    out["losses"], out["m_grads"] = gpt._train(model)  # M gradients of the first and last step
     out["trained"] = gpt._logits(model)
     if tp == 2:
         save_mora(model, f"{root}/adapter")
@@ -358,13 +358,17 @@ def test_real_transformer_engine_runs_where_it_imports():
 
 def test_te_spec_gpt_trains_saves_loads_and_merges_at_tp2_like_tp1():
     """A GPTModel built with the TE spec (``linear_qkv``/``linear_fc1`` with fused norms) takes ``apply_mora`` on
-    the four projections; five AdamW steps at TP = 2 give the TP = 1 losses and logits; adapter files and
+    the four projections; five AdamW steps at TP = 2 give the TP = 1 losses, M gradients and logits; adapter files and
     ``dist_checkpointing`` written at TP = 2 load at TP = 1; merging keeps the trained logits."""
     ref, ranks = _results(1, "standin")[0]["gpt"], [r["gpt"] for r in _results(2, "standin")]
     assert ref["classes"] == ["MoRATELayerNormColumnParallelLinear", "MoRATERowParallelLinear"]
     assert ref["losses"][-1] < ref["losses"][0] - 0.05
     for res in ranks:
         _close(torch.as_tensor(res["losses"]), torch.as_tensor(ref["losses"]), "losses")
+        for step, grads in enumerate(res["m_grads"]):
+            assert grads.keys() == ref["m_grads"][step].keys()
+            for name, grad in grads.items():
+                _close(grad, ref["m_grads"][step][name], f"M grad of {name} at recorded step {step}")
         _close(res["base"], ref["base"], "base logits")
         _close(res["trained"], ref["trained"], "trained logits")
         _close(res["merged"], res["trained"], "merged logits")
