@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 600  # a hang guard, not a speed check
 
 
 def _free_port() -> int:

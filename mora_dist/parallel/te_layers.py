@@ -44,7 +44,24 @@ def _te_tp_layout(base_layer: nn.Module) -> tuple[dist.ProcessGroup | None, int,
     return group, size, dist.get_rank(group)
 
 
-class MoRATEColumnParallelLinear(MoRAColumnParallelLinear):
+class _TEBeside:
+    """What every TE wrapper shares: TE runs its collectives inside one fused call, so the adapter runs beside it
+    (never fused with the base layer's communication), reads the TP layout from TE's own attributes and returns
+    TE's ``(output, bias)``."""
+
+    fuse_with_base_comm = False
+    tp_layout = staticmethod(_te_tp_layout)
+
+    def __init__(self, base_layer: nn.Module, r_hat: int, mora_type: int | str = 6, **kwargs) -> None:
+        kwargs["fuse_with_base_comm"] = False
+        super().__init__(base_layer, r_hat, mora_type, **kwargs)
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output, bias = self.base_layer(input_)
+        return self._forward_beside(input_, output), bias
+
+
+class MoRATEColumnParallelLinear(_TEBeside, MoRAColumnParallelLinear):
     """``Y_t = TE(X)_t + [D(M C(X))]_t`` around a frozen TE column-parallel linear (``parallel_mode="column"``).
 
     ``X: [s, b, k]`` (``[s / tp, b, k]`` under sequence parallelism, gathered by TE itself); rank ``t`` returns
@@ -54,24 +71,12 @@ class MoRATEColumnParallelLinear(MoRAColumnParallelLinear):
     Spec: §4.
     """
 
-    fuse_with_base_comm = False
-
-    def __init__(self, base_layer: nn.Module, r_hat: int, mora_type: int | str = 6, **kwargs) -> None:
-        kwargs["fuse_with_base_comm"] = False
-        super().__init__(base_layer, r_hat, mora_type, **kwargs)
-
     @staticmethod
     def global_features(base_layer: nn.Module) -> tuple[int, int]:
         return base_layer.in_features, base_layer.out_features * base_layer.tp_size  # TE: per-partition sizes
 
-    tp_layout = staticmethod(_te_tp_layout)
 
-    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, bias = self.base_layer(input_)
-        return self._forward_beside(input_, output), bias
-
-
-class MoRATERowParallelLinear(MoRARowParallelLinear):
+class MoRATERowParallelLinear(_TEBeside, MoRARowParallelLinear):
     """``Y = TE(X) + sum_t [D(M C(X_t))]_t`` around a frozen TE row-parallel linear (``parallel_mode="row"``).
 
     ``X_t: [s, b, k / tp]``; TE reduces its partial outputs (all-reduce, or reduce-scatter along the sequence)
@@ -81,21 +86,9 @@ class MoRATERowParallelLinear(MoRARowParallelLinear):
     Spec: §4.
     """
 
-    fuse_with_base_comm = False
-
-    def __init__(self, base_layer: nn.Module, r_hat: int, mora_type: int | str = 6, **kwargs) -> None:
-        kwargs["fuse_with_base_comm"] = False
-        super().__init__(base_layer, r_hat, mora_type, **kwargs)
-
     @staticmethod
     def global_features(base_layer: nn.Module) -> tuple[int, int]:
         return base_layer.in_features * base_layer.tp_size, base_layer.out_features
-
-    tp_layout = staticmethod(_te_tp_layout)
-
-    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, bias = self.base_layer(input_)
-        return self._forward_beside(input_, output), bias
 
 
 class MoRATEDuplicatedLinear(MoRATEColumnParallelLinear):
