@@ -36,6 +36,13 @@ __all__ = [
 _LAZY = {
     "MoRAColumnParallelLinear": "mora_dist.parallel.layers",
     "MoRARowParallelLinear": "mora_dist.parallel.layers",
+    "MoRATEColumnParallelLinear": "mora_dist.parallel.te_layers",
+    "MoRATERowParallelLinear": "mora_dist.parallel.te_layers",
+    "MoRATEDuplicatedLinear": "mora_dist.parallel.te_layers",
+    "MoRATELayerNormColumnParallelLinear": "mora_dist.parallel.te_layers",
+    "finalize_model_grads": "mora_dist.parallel.mappings",
+    "mora_model_provider": "mora_dist.megatron",
+    "MegatronReMoRA": "mora_dist.megatron",
     "ReMoRACallback": "mora_dist.training.remora",
     "ReLoRACallback": "mora_dist.training.remora",
     "Callback": "mora_dist.training.callbacks",
