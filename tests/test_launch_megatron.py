@@ -79,3 +79,22 @@ def _check_peft_lora_since_start(out, tmp_path, merged, ids):
     assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(served.peft_config["default"].target_modules)
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_megatron_tp2_launch_matches_tp1(tmp_path):
+    """The launcher at TP = 2 (2 ranks, DP = 1) and at TP = 1 (1 rank), same data, seed and starting weights (on
+    CPU megatron-core draws the TP = 1 master weights and splits them), log the same per-step loss AND gradient
+    norm over 6 steps with a merge at step 3 (fp32, no dropout). The gradient norm catches a doubled or missing TP
+    reduction that Adam's scale invariance would hide from the loss."""
+    sets = ["training.max_steps=6", "remora.merge_every=3", "training.eval_interval=0", "training.save_interval=0",
+            "scheduler.warmup_steps=2", "scheduler.restart_warmup_steps=1"]
+    logs = {}
+    for tp in (2, 1):
+        out = tmp_path / f"tp{tp}"
+        run(tp, CONFIG, [*sets, f"model.tensor_model_parallel_size={tp}", f"training.output_dir={out}"])
+        logs[tp] = scalars(out)
+    assert sorted(logs[2]["remora/merges"].items()) == [(3, 1.0), (6, 2.0)]
+    for tag in ("train/loss", "train/grad_norm"):
+        assert sorted(logs[2][tag]) == list(range(1, 7)), tag
+        for step, value in logs[1][tag].items():
+            assert logs[2][tag][step] == pytest.approx(value, rel=1e-4), (tag, step)
