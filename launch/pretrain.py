@@ -9,6 +9,7 @@ Commands::
     deepspeed --hostfile hosts launch/pretrain.py --config configs/remora_250m.json --set data.sources.0.path=/c4 \
         --set data.tokenizer=/models/t5-base                                   # local copies instead
     torchrun --nproc_per_node 2 launch/pretrain.py --config configs/remora_250m_megatron_tp2.json
+    torchrun --nproc-per-node 4 launch/pretrain.py --config configs/remora_tiny_megatron_native.json  # no DeepSpeed
     deepspeed launch/pretrain.py --config configs/remora_tiny.json --resume        # continue after a kill
 
 ``--set key.sub=value`` overrides any field (JSON values; lists indexed as ``data.sources.0.weight``). The

@@ -45,8 +45,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    """The unwrapped chunks of ``model`` (one for a plain module, several under virtual pipeline parallelism)."""
-    if isinstance(model, nn.Module):
+    """The unwrapped chunks of ``model`` (one for a plain module, several under virtual pipeline parallelism: a
+    list or an ``nn.ModuleList`` of chunks)."""
+    if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
         return [unwrap(model)]
     chunks = [unwrap(m) for m in model]
     if not chunks or not all(isinstance(m, nn.Module) for m in chunks):
@@ -212,3 +213,29 @@ def local_param(value: torch.Tensor, param: torch.Tensor, group: dist.ProcessGro
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     ids = partition_ids(value.shape[dim], dist.get_world_size(group), dist.get_rank(group), stride=stride)
     return value.index_select(dim, ids)
+
+
+def global_state_dict(model: nn.Module | Sequence[nn.Module]) -> dict[str, Any]:
+    """The state dicts of every chunk merged under global names (checkpoints that export can join by name)."""
+    out: dict[str, Any] = {}
+    for chunk in model_chunks(model):
+        renames = _layer_renames(chunk)
+        for key, value in chunk.state_dict().items():
+            out[_globalize(key, renames)] = value
+    return out
+
+
+def load_global_state_dict(model: nn.Module | Sequence[nn.Module], state: dict[str, Any]) -> None:
+    """Inverse of :func:`global_state_dict` (strict: every key of every chunk must be there, and no other)."""
+    used = set()
+    for chunk in model_chunks(model):
+        renames = _layer_renames(chunk)
+        keys = {key: _globalize(key, renames) for key in chunk.state_dict()}
+        missing = [g for g in keys.values() if g not in state]
+        if missing:
+            raise KeyError(f"state has no entry for {missing[:5]} of this model chunk")
+        chunk.load_state_dict({key: state[g] for key, g in keys.items()}, strict=True)
+        used.update(keys.values())
+    extra = sorted(set(state) - used)
+    if extra:
+        raise KeyError(f"state holds {extra[:5]}, which no model chunk of this rank has")

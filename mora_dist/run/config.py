@@ -50,6 +50,9 @@ class ModelSection(_Section):
     tie_word_embeddings: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tensor_model_parallel_size: int = Field(default=1, gt=0)
+    # megatron backend without DeepSpeed (deepspeed: null) only: pipeline stages and chunks per stage
+    pipeline_model_parallel_size: int = Field(default=1, gt=0)
+    virtual_pipeline_model_parallel_size: int | None = Field(default=None, gt=1)
     gradient_checkpointing: bool = False
 
     def arch(self) -> dict[str, int]:
@@ -95,6 +98,9 @@ class OptimizerSection(_Section):
     eps: float = 1e-8
     weight_decay: float = Field(default=0.0, ge=0.0)
     torch_adam: bool | None = None  # None: torch's AdamW where DeepSpeed's fused Adam would need a JIT build
+    # megatron-native training (deepspeed: null): megatron-core's DistributedOptimizer instead of its
+    # Float16/FP32 optimizer (fp32 main params and moments sharded over the data-parallel ranks)
+    use_distributed_optimizer: bool = False
 
 
 class SchedulerSection(_Section):
@@ -186,7 +192,7 @@ class RunConfig(_Section):
     relora: RestartSection | None = None
     optimizer: OptimizerSection
     scheduler: SchedulerSection = SchedulerSection()
-    deepspeed: dict[str, Any] | str = Field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
+    deepspeed: dict[str, Any] | str | None = Field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
     data: DataSection
     training: TrainingSection
     logging: LoggingSection = LoggingSection()
@@ -209,6 +215,8 @@ class RunConfig(_Section):
 
     def deepspeed_dict(self) -> dict[str, Any]:
         """The DeepSpeed section as a dict (read from its file when it is a path)."""
+        if self.deepspeed is None:  # megatron-native training
+            return {}
         if isinstance(self.deepspeed, str):
             return json.loads(Path(self.deepspeed).read_text())
         return copy.deepcopy(self.deepspeed)
@@ -217,6 +225,7 @@ class RunConfig(_Section):
 def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list[str]:
     out: list[str] = []
     _check_restarts(cfg, out)
+    _check_native(cfg, out)
     m = cfg.model
     if cfg.mora is not None and cfg.lora is not None:
         out.append("mora and lora are both set: keep one (neither trains the full model)")
@@ -288,6 +297,35 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
                    f"training.micro_batch_size={t.micro_batch_size}: make it micro x accumulation x data-parallel "
                    "size")
     return out
+
+
+def _check_native(cfg: RunConfig, out: list[str]) -> None:
+    """megatron-native training (``deepspeed: null``) and the fields only it reads. Spec: §4."""
+    m, native = cfg.model, cfg.deepspeed is None
+    pp, vpp = m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size
+    if native and m.backend != "megatron":
+        out.append("deepspeed=null trains with megatron-core's own DDP and optimizer: set model.backend='megatron', "
+                   "or give a deepspeed section for backend 'hf'")
+    needs = [(pp > 1, f"model.pipeline_model_parallel_size={pp}"),
+             (vpp is not None, f"model.virtual_pipeline_model_parallel_size={vpp}"),
+             (cfg.optimizer.use_distributed_optimizer, "optimizer.use_distributed_optimizer=true")]
+    for given, what in needs:
+        if given and not native:
+            out.append(f"{what} needs megatron-native training: model.backend='megatron' and no DeepSpeed "
+                       "(--set deepspeed=null)")
+    if m.pretrained is not None and pp > 1:
+        out.append(f"model.pretrained with model.pipeline_model_parallel_size={pp}: importing a Hugging Face "
+                   "checkpoint into pipeline stages is not supported; use pipeline_model_parallel_size=1")
+    if vpp is not None and pp == 1:
+        out.append(f"model.virtual_pipeline_model_parallel_size={vpp} needs model.pipeline_model_parallel_size > 1")
+    if native and m.dtype == "float16":
+        out.append("model.dtype='float16' is not supported without DeepSpeed (no loss scaling here): use 'bfloat16'")
+    if m.backend == "megatron" and m.pretrained is None:
+        layers, chunks = m.arch()["num_layers"], pp * (vpp or 1)
+        if layers % chunks:
+            out.append(f"model.num_layers={layers} is not divisible by pipeline_model_parallel_size x "
+                       f"virtual_pipeline_model_parallel_size = {chunks}: every model chunk needs the same layer "
+                       "count")
 
 
 def _check_restarts(cfg: RunConfig, out: list[str]) -> None:
@@ -375,9 +413,12 @@ def check_world(cfg: RunConfig, world_size: int) -> int:
     if m.backend == "hf" and tp != 1:
         out.append(f"model.tensor_model_parallel_size={tp} needs model.backend='megatron' (the 'hf' backend is "
                    "data-parallel only): set it to 1 or switch the backend")
-    if world_size % tp:
-        out.append(f"model.tensor_model_parallel_size={tp} does not divide the world size {world_size}: use a "
-                   f"divisor of {world_size} or launch a multiple of {tp} processes")
+    pp = m.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        sizes = f"model.tensor_model_parallel_size={tp}" + (f" x model.pipeline_model_parallel_size={pp}" if pp > 1
+                                                             else "")
+        out.append(f"{sizes} does not divide the world size {world_size}: use a divisor of {world_size} or launch a "
+                   f"multiple of {tp * pp} processes")
     if m.backend == "megatron" and m.pretrained is None:
         a = m.arch()
         for key in ("num_heads", "num_kv_heads"):
@@ -395,7 +436,7 @@ def check_world(cfg: RunConfig, world_size: int) -> int:
                 if getattr(shape, key) % tp:
                     out.append(f"model.pretrained={m.pretrained!r}: {key}={getattr(shape, key)} is not divisible by "
                                f"model.tensor_model_parallel_size={tp}; choose a TP size that divides it")
-    dp = max(1, world_size // tp)
+    dp = max(1, world_size // (tp * pp))
     per_step = t.micro_batch_size * dp
     accum = t.gradient_accumulation_steps
     if accum is not None and accum * per_step != t.global_batch_size:
@@ -405,9 +446,14 @@ def check_world(cfg: RunConfig, world_size: int) -> int:
     elif accum is None and t.global_batch_size % per_step:
         out.append(f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
                    f"{t.micro_batch_size} x data-parallel size {dp} = {per_step}: use a multiple of {per_step}")
+    steps = accum if accum is not None else t.global_batch_size // max(per_step, 1)
+    if m.virtual_pipeline_model_parallel_size is not None and steps % pp:
+        out.append(f"{steps} micro-batches per step (global_batch_size / (micro_batch_size x data-parallel size "
+                   f"{dp})) is not a multiple of model.pipeline_model_parallel_size={pp}, which megatron's "
+                   "interleaved (virtual pipeline) schedule needs: change training.global_batch_size")
     if out:
         raise RunConfigError("invalid run config:\n  - " + "\n  - ".join(out))
-    return accum if accum is not None else t.global_batch_size // per_step
+    return steps
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -48,6 +48,10 @@ class HFBackend:
 
 
 def make_backend(cfg: RunConfig):
+    if cfg.model.backend == "megatron" and cfg.deepspeed is None:
+        from mora_dist.run.megatron_native import NativeBackend
+
+        return NativeBackend(cfg)
     if cfg.model.backend == "megatron":
         from mora_dist.run.megatron import MegatronBackend
 
@@ -163,11 +167,15 @@ class Trainer:
             except Exception as exc:
                 error = exc
             agree(error)  # before any collective of the step: a rank that cannot read stops every rank
-            for batch in batches:
-                loss, _ = self.backend.loss(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.item())
+            own_step = getattr(self.backend, "train_step", None)  # a pipeline schedule runs all micro-batches
+            if own_step is not None:
+                losses = own_step(engine, batches)
+            else:
+                for batch in batches:
+                    loss, _ = self.backend.loss(engine, batch)
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(loss.item())
             self.step = int(engine.global_steps)
             self.tokens_seen += tokens_per_step
             logs = self.callbacks.on_step_end(engine) or {}

@@ -1,5 +1,6 @@
 """The megatron-core backend: a Llama-shaped ``GPTModel`` (local spec, RMSNorm, SwiGLU, RoPE, GQA) split over
-``tensor_model_parallel_size`` ranks, trained by DeepSpeed over the data-parallel groups, and its export.
+``tensor_model_parallel_size`` ranks, trained by DeepSpeed over the data-parallel groups, and its export (also of
+runs trained natively by :mod:`mora_dist.run.megatron_native`, pipeline stages included).
 
 With ``model.pretrained`` (continual pretraining) a local Hugging Face Llama / Qwen2 checkpoint is loaded into
 every rank's shards first. Export gathers every rank's shard into the TP = 1 layout (``M`` by its shard plan),
@@ -60,14 +61,15 @@ class _DeepSpeedMPU:
         return self.ps.get_data_parallel_world_size()
 
 
-def init_model_parallel(tp: int, seed: int) -> None:
+def init_model_parallel(tp: int, seed: int, *, pp: int = 1, vpp: int | None = None) -> None:
     """megatron-core's parallel state over the existing process group, CPU shim when CUDA is absent, seeds."""
     from megatron.core import parallel_state
 
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_seed, enable_cpu_megatron
 
     enable_cpu_megatron()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp)
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -92,9 +94,16 @@ def gpt_shape(cfg: RunConfig, vocab_size: int | None = None):
 
 
 def build_gpt(cfg: RunConfig, vocab_size: int) -> nn.Module:
-    """The GPTModel of the model section, adapters applied. The CPU init draws every global weight in the same
-    order at any TP size, so TP = 1 and TP = n start from the same function. With ``model.pretrained`` the
-    Hugging Face weights are loaded into this rank's shards before the adapters are applied."""
+    """The GPTModel of the model section, adapters applied (one pipeline stage). The CPU init draws every global
+    weight in the same order at any TP size, so TP = 1 and TP = n start from the same function. With
+    ``model.pretrained`` the Hugging Face weights are loaded into this rank's shards before the adapters are
+    applied."""
+    return build_gpt_chunks(cfg, vocab_size)[0]
+
+
+def build_gpt_chunks(cfg: RunConfig, vocab_size: int) -> list[nn.Module]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage; one without virtual pipeline), adapters
+    applied over all of them (names global across stages, :mod:`mora_dist.parallel.pipeline`)."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -111,30 +120,51 @@ def build_gpt(cfg: RunConfig, vocab_size: int) -> nn.Module:
         raise MoRAConfigError(f"the tokenizer has {vocab_size} tokens but model.pretrained={m.pretrained!r} embeds "
                               f"{shape.vocab_size}: use the checkpoint's own tokenizer as data.tokenizer")
     extra = cpu_model_parallel_kwargs() if not torch.cuda.is_available() else {}
+    native = cfg.deepspeed is None  # megatron-native: Float16Module casts an fp32-built model to bf16
+    dtype = build._DTYPES[m.dtype]
+    vpp = m.virtual_pipeline_model_parallel_size
     config = TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_heads,
         num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim, ffn_hidden_size=shape.intermediate_size,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=shape.qkv_bias,
         normalization="RMSNorm", layernorm_epsilon=shape.norm_eps,
-        tensor_model_parallel_size=m.tensor_model_parallel_size, params_dtype=build._DTYPES[m.dtype],
-        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02, **extra,
+        tensor_model_parallel_size=m.tensor_model_parallel_size,
+        pipeline_model_parallel_size=m.pipeline_model_parallel_size, virtual_pipeline_model_parallel_size=vpp,
+        pipeline_dtype=dtype, params_dtype=torch.float32 if native else dtype,
+        bf16=native and m.dtype == "bfloat16", hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
+        **extra,
     )
     torch.manual_seed(cfg.training.seed)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=shape.vocab_size, max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
-                     rotary_base=int(shape.rope_theta), share_embeddings_and_output_weights=shape.tie_word_embeddings)
-    if m.pretrained is not None:
-        load_hf_into_gpt(model, m.pretrained, shape, tp=m.tensor_model_parallel_size,
+    chunks = []
+    for stage in range(vpp or 1):
+        vp = stage if vpp else None
+        chunks.append(GPTModel(
+            config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=shape.vocab_size, max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
+            rotary_base=int(shape.rope_theta), share_embeddings_and_output_weights=shape.tie_word_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
+        ))
+    if m.pretrained is not None:  # one chunk: the config refuses model.pretrained with pipeline stages
+        load_hf_into_gpt(chunks[0], m.pretrained, shape, tp=m.tensor_model_parallel_size,
                          rank=parallel_state.get_tensor_model_parallel_rank())
-    return build.apply_adapters(cfg, model)
+    build.apply_adapters(cfg, nn.ModuleList(chunks))  # a ModuleList of chunks reads as the model (pipeline.py)
+    return chunks
+
+
+def causal_inputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, position_ids, mask, labels)`` of ``input_ids: (b, s)``: predict tokens 1..s-1 from 0..s-2, causal
+    mask ``(1, 1, s-1, s-1)`` with True = masked (megatron's own default mask is built on CUDA)."""
+    ids, labels = input_ids[:, :-1], input_ids[:, 1:]
+    b, s = ids.shape
+    position_ids = torch.arange(s, device=ids.device).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=ids.device), 1)[None, None]
+    return ids, position_ids, mask, labels
 
 
 def gpt_loss(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token loss of ``input_ids: (b, s)`` (predicting tokens 1..s-1, as the HF backend does)."""
-    ids, labels = input_ids[:, :-1], input_ids[:, 1:]
-    b, s = ids.shape
-    position_ids = torch.arange(s, device=ids.device).expand(b, s)
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=ids.device), 1)[None, None]  # True = masked
+    ids, position_ids, mask, labels = causal_inputs(input_ids)
     per_token = model(ids, position_ids, mask, labels=labels)  # (b, s)
     return per_token.float().mean(), labels.numel()
 
@@ -209,11 +239,18 @@ def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
 
     cfg = read_run_config(run_dir)
     tp = cfg.model.tensor_model_parallel_size
-    states = [read_model_states(run_dir, tag, mp_rank=t) for t in range(tp)]
+    if cfg.deepspeed is None:  # megatron-native run: every pipeline stage's file, names global
+        from mora_dist.run.megatron_native import read_native_module_states
+
+        tp, states = read_native_module_states(run_dir, tag)
+    else:
+        states = [read_model_states(run_dir, tag, mp_rank=t) for t in range(tp)]
     _single_process_group()
     if not parallel_state.model_parallel_is_initialized():
         init_model_parallel(1, cfg.training.seed)
-    cfg1 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tensor_model_parallel_size": 1})})
+    single = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+              "virtual_pipeline_model_parallel_size": None}
+    cfg1 = cfg.model_copy(update={"model": cfg.model.model_copy(update=single)})
     model = build_gpt(cfg1, cfg.model.vocab_size)
     mora_type = current_mora_type(states[0])
     if mora_type is not None:

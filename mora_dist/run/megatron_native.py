@@ -1,0 +1,315 @@
+"""The megatron-core backend trained the way Megatron users train it: no DeepSpeed.
+
+Chosen by ``model.backend: "megatron"`` with ``deepspeed: null``. The GPTModel is split over
+``tensor_model_parallel_size`` x ``pipeline_model_parallel_size`` ranks (``virtual_pipeline_model_parallel_size``
+chunks per pipeline rank), wrapped in ``Float16Module`` for ``model.dtype: "bfloat16"`` and in megatron-core's
+``DistributedDataParallel``; megatron-core's optimizer (``optimizer.use_distributed_optimizer`` selects the
+distributed one) steps it, and every optimizer step runs megatron's pipeline schedule
+(``get_forward_backward_func``) over the step's micro-batches. ReMoRA runs through the same callbacks, which
+see this module's :class:`NativeEngine` where they would see a DeepSpeed engine.
+
+Checkpoints: one file per rank (model under global names, optimizer, parameter state of the distributed
+optimizer, scheduler, client state) plus ``layout.json``, written through
+:func:`mora_dist.run.checkpoint.save_checkpoint` (temp folder, then rename), so a kill leaves the previous
+checkpoint. They resume at the same layout. Export gathers the data-parallel rank 0 files of every
+(pipeline, tensor) rank into the TP = 1 model.
+
+Spec: §3, §4, §5.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mora_dist.parallel import pipeline
+from mora_dist.run import build
+from mora_dist.run.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+LAYOUT = "layout.json"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def _forward_step(data_iterator, model):
+    """megatron's ``forward_step_func``: mean next-token loss of one micro-batch ``(b, s + 1)``."""
+    from mora_dist.run.megatron import causal_inputs
+
+    ids, position_ids, mask, labels = causal_inputs(next(data_iterator).to(build.device()))
+    per_token = model(ids, position_ids, mask, labels=labels)
+
+    def loss_func(output: torch.Tensor):
+        loss = output.float().mean()
+        # clone: the schedule divides the returned loss by the micro-batch count in place
+        return loss, {"loss": loss.detach().clone()}
+
+    return per_token, loss_func
+
+
+class NativeEngine:
+    """What the loop and the callbacks read from a DeepSpeed engine, over megatron-core's own parts.
+
+    Attributes:
+        module: the model chunks (``DistributedDataParallel``-wrapped) in an ``nn.ModuleList`` (one chunk without
+            virtual pipeline), which the callbacks read like any model.
+        optimizer: megatron-core's optimizer; lr_scheduler: ours (:mod:`mora_dist.run.build`), on its inner
+            torch optimizer(s); global_steps: optimizer steps done.
+    """
+
+    def __init__(self, cfg: RunConfig, chunks: list[nn.Module], optimizer: Any, lr_scheduler: Any,
+                 accum: int) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from mora_dist.training.zero_state import MegatronMPU
+
+        self.cfg, self.optimizer, self.lr_scheduler = cfg, optimizer, lr_scheduler
+        self.module = nn.ModuleList(chunks)
+        self.accum, self.global_steps, self.grad_norm = accum, 0, None
+        self.mpu = MegatronMPU()
+        self.device = build.device()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.forward_backward = get_forward_backward_func()
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accum
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self.grad_norm
+
+    def train(self) -> None:
+        for chunk in self.module:
+            chunk.train()
+
+    def eval(self) -> None:
+        for chunk in self.module:
+            chunk.eval()
+
+    def _schedule(self, batches: list[torch.Tensor], *, forward_only: bool) -> list[float]:
+        """Run megatron's schedule over ``batches`` (one micro-batch each); every pipeline stage gets the losses."""
+        cfg = self.cfg
+        chunks = list(self.module)
+        iterators = [iter(batches) for _ in chunks]
+        single = len(chunks) == 1
+        out = self.forward_backward(
+            forward_step_func=_forward_step, data_iterator=iterators[0] if single else iterators,
+            model=chunks[0] if single else chunks, num_microbatches=len(batches),
+            seq_length=cfg.data.seq_len - 1, micro_batch_size=cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+        losses = torch.tensor([float(d["loss"]) for d in out] if self.is_last_stage else [0.0] * len(batches),
+                              dtype=torch.float64, device=self.device)
+        if dist.get_world_size(self.pp_group) > 1:
+            dist.broadcast(losses, src=self.last_stage_rank, group=self.pp_group)
+        return losses.tolist()
+
+    def train_step(self, batches: list[torch.Tensor]) -> list[float]:
+        """One optimizer step over ``batches`` (the step's micro-batches); returns their losses."""
+        from mora_dist.parallel import finalize_model_grads
+
+        for chunk in self.module:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._schedule(batches, forward_only=False)
+        finalize_model_grads(list(self.module))  # DP all-reduce, then the once-per-step TP sum of replicated M
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"megatron optimizer step {self.global_steps + 1} failed (non-finite gradients)")
+        self.grad_norm = grad_norm
+        self.lr_scheduler.step()
+        self.global_steps += 1
+        return losses
+
+    @torch.no_grad()
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward-only loss of one batch ``(b, s + 1)`` (evaluation), the same on every pipeline stage."""
+        return torch.tensor(self._schedule([batch], forward_only=True)[0])
+
+    # ---- checkpoints (the interface run/checkpoint.py calls) ----
+    def _param_state(self) -> list[Any]:
+        return [opt.get_parameter_state_dp_reshardable() if hasattr(opt, "get_parameter_state_dp_reshardable")
+                else None for opt in _optimizers(self.optimizer)]
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool = False):
+        """Every rank writes ``<save_dir>/<tag>/rank_<r>.pt``; rank 0 adds ``layout.json``. Collective."""
+        from megatron.core import parallel_state as ps
+
+        folder = Path(save_dir) / tag
+        if dist.get_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        where = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                 ps.get_data_parallel_rank())
+        layout = pipeline.all_gather(where, dist.group.WORLD)
+        state = {
+            "model": pipeline.global_state_dict(self.module), "optimizer": self.optimizer.state_dict(),
+            "param_state": self._param_state(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "global_steps": self.global_steps, "client_state": client_state,
+        }
+        tmp = folder / f".{_rank_file(dist.get_rank())}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, folder / _rank_file(dist.get_rank()))
+        if dist.get_rank() == 0:
+            m = self.cfg.model
+            (folder / LAYOUT).write_text(json.dumps({
+                "tensor_model_parallel_size": m.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": m.pipeline_model_parallel_size,
+                "virtual_pipeline_model_parallel_size": m.virtual_pipeline_model_parallel_size,
+                "ranks": [{"rank": r, "tp": t, "pp": p, "dp": d} for r, t, p, d in layout],
+            }, indent=1))
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any]]:
+        """Restore model, optimizer (with the distributed optimizer's shards), scheduler and step from ``tag``."""
+        folder = Path(load_dir) / tag
+        _check_layout(folder, self.cfg)
+        state = torch.load(folder / _rank_file(dist.get_rank()), map_location="cpu", weights_only=False)
+        pipeline.load_global_state_dict(self.module, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        _unshare_steps(self.optimizer)
+        for opt, param_state in zip(_optimizers(self.optimizer), state["param_state"]):
+            if param_state is not None:
+                _mark_unpadded(param_state)
+                opt.load_parameter_state_from_dp_reshardable(param_state)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_steps = int(state["global_steps"])
+        return str(folder), state["client_state"]
+
+
+def _unshare_steps(optimizer: Any) -> None:
+    """megatron-core 0.16 without Apex / Transformer Engine restores the torch optimizer's per-parameter ``step``
+    as ONE tensor shared by every parameter; torch's Adam then adds 1 to it once per parameter per step, and the
+    bias correction of every later step is wrong. Give each parameter its own copy."""
+    for opt in _optimizers(optimizer):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _mark_unpadded(param_state: dict) -> None:
+    """megatron-core 0.16 loads this format only with a ``padding`` flag per entry, which its own
+    ``get_parameter_state_dp_reshardable`` does not write (its sharded-checkpoint path adds it); every entry that
+    method writes is a real parameter."""
+    for key, per_dtype in param_state.items():
+        if isinstance(key, int):
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for entry in bucket:
+                        entry.setdefault("padding", False)
+
+
+def _optimizers(optimizer: Any) -> list[Any]:
+    """The optimizers inside a ``ChainedOptimizer`` (or the optimizer itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _check_layout(folder: Path, cfg: RunConfig) -> None:
+    saved = json.loads((folder / LAYOUT).read_text())
+    m = cfg.model
+    now = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size,
+           dist.get_world_size())
+    then = (saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"],
+            saved["virtual_pipeline_model_parallel_size"], len(saved["ranks"]))
+    if now != then:
+        raise RuntimeError(f"checkpoint {folder} was written at (TP, PP, VPP, world size) = {then}, this run is "
+                           f"{now}: resume with the same layout, or export the adapter and load it into the new "
+                           "layout")
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer whose ``param_groups`` megatron's optimizer steps with (our schedulers drive it)."""
+    inner = _optimizers(optimizer)
+    if len(inner) != 1:
+        raise RuntimeError(f"megatron built {len(inner)} optimizers (expert parameters?); one is supported")
+    return inner[0].optimizer
+
+
+class NativeBackend:
+    """megatron-core DDP, optimizer and pipeline schedule (no DeepSpeed)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state
+
+        from mora_dist.run.megatron import init_model_parallel
+
+        m = cfg.model
+        init_model_parallel(m.tensor_model_parallel_size, cfg.training.seed, pp=m.pipeline_model_parallel_size,
+                            vpp=m.virtual_pipeline_model_parallel_size)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_group = parallel_state.get_data_parallel_group()
+
+    def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        from mora_dist.model import trainable_summary
+        from mora_dist.run.megatron import build_gpt_chunks
+
+        m, o, t = cfg.model, cfg.optimizer, cfg.training
+        chunks = build_gpt_chunks(cfg, vocab_size)
+        logger.info("%s (%s, TP=%d, PP=%d, VPP=%s, %s)", trainable_summary(chunks), cfg.method,
+                    m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                    m.virtual_pipeline_model_parallel_size, m.dtype)
+        config = chunks[0].config
+        bf16 = m.dtype == "bfloat16"
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=o.use_distributed_optimizer)
+        wrapped = []
+        for i, chunk in enumerate(chunks):
+            inner = Float16Module(config, chunk) if bf16 else chunk
+            # bucketing only for the first chunk, as Megatron-LM does under virtual pipeline parallelism
+            wrapped.append(DistributedDataParallel(config, ddp_config, inner, disable_bucketing=i > 0))
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
+            adam_eps=o.eps, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=o.use_distributed_optimizer, clip_grad=t.max_grad_norm,
+        )
+        optimizer = get_megatron_optimizer(opt_config, wrapped)
+        scheduler = build.scheduler_factory(cfg)(_torch_optimizer(optimizer))
+        engine = NativeEngine(cfg, wrapped, optimizer, scheduler, accum)
+        return engine, build.build_callbacks(cfg)
+
+    def loss(self, engine: NativeEngine, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Evaluation loss of ``input_ids: (b, s)`` through the pipeline, and the predicted-token count."""
+        return engine.loss(input_ids), input_ids.shape[0] * (input_ids.shape[1] - 1)
+
+    def train_step(self, engine: NativeEngine, batches: list[torch.Tensor]) -> list[float]:
+        return engine.train_step(batches)
+
+
+# ---------------------------------------------------------------- export: every stage's file -> TP = 1
+def read_native_module_states(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[int, list[dict]]:
+    """``(tp, [state of TP rank t])``: each TP rank's model state under global names, merged over the pipeline
+    stages of data-parallel rank 0 (what :func:`mora_dist.run.megatron.load_megatron_run_tp1` gathers)."""
+    from mora_dist.run.checkpoint import resume_tag
+
+    ckpt = Path(run_dir) / "checkpoints"
+    folder = ckpt / (tag or resume_tag(ckpt))
+    layout = json.loads((folder / LAYOUT).read_text())
+    tp = layout["tensor_model_parallel_size"]
+    states: list[dict] = [{} for _ in range(tp)]
+    client = None
+    for entry in layout["ranks"]:
+        if entry["dp"] != 0:
+            continue
+        state = torch.load(folder / _rank_file(entry["rank"]), map_location="cpu", weights_only=False)
+        states[entry["tp"]].update(state["model"])
+        client = state["client_state"]
+    return tp, [{"module": s, **client} for s in states]
