@@ -102,15 +102,16 @@ class NativeEngine:
             chunk.eval()
 
     def _schedule(self, batches: list[torch.Tensor], *, forward_only: bool) -> list[float]:
-        """Run megatron's schedule over ``batches`` (one micro-batch each); every pipeline stage gets the losses."""
-        cfg = self.cfg
+        """Run megatron's schedule over ``batches`` (one micro-batch ``(b, s + 1)`` each, all of one shape); every
+        pipeline stage gets the losses."""
         chunks = list(self.module)
         iterators = [iter(batches) for _ in chunks]
         single = len(chunks) == 1
         out = self.forward_backward(
             forward_step_func=_forward_step, data_iterator=iterators[0] if single else iterators,
             model=chunks[0] if single else chunks, num_microbatches=len(batches),
-            seq_length=cfg.data.seq_len - 1, micro_batch_size=cfg.training.micro_batch_size,
+            # the p2p tensor shape between stages: an evaluation batch may be shorter than micro_batch_size
+            seq_length=batches[0].shape[1] - 1, micro_batch_size=batches[0].shape[0],
             forward_only=forward_only,
         )
         losses = torch.tensor([float(d["loss"]) for d in out] if self.is_last_stage else [0.0] * len(batches),
