@@ -19,10 +19,8 @@ from safetensors.torch import load_file
 from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
 
 CONFIG = "configs/remora_tiny_megatron_native.json"
-# ReMoRA merges under megatron-core's optimizers need training/megatron_state.py (issue 9, item 1): until it
-# lands this runs plain MoRA, which exercises everything else of the native loop.
-SETS = ["training.max_steps=4", "remora=null", "scheduler.name=cosine", "training.eval_interval=2",
-        "training.save_interval=1", "training.keep_last=10", "scheduler.warmup_steps=1",
+SETS = ["training.max_steps=4", "remora.merge_every=2", "training.eval_interval=2", "training.save_interval=1",
+        "training.keep_last=10", "scheduler.warmup_steps=1", "scheduler.restart_warmup_steps=0",
         "data.sources.0.eval_blocks=4", "data.sources.1.eval_blocks=4"]
 
 
@@ -43,15 +41,16 @@ def _export(run, out, *extra: str) -> None:
 
 
 def test_native_tp2_pp2_run_resumes_exactly_and_exports(tmp_path):
-    """The usual tags are logged; a run resumed from the step-2 checkpoint (later checkpoints and 'latest'
-    removed) reproduces steps 3-4 (losses, eval); the adapter export holds every layer's matrix (both pipeline
-    stages) and the merged export computes the logged eval loss. Catches optimizer state restored wrongly
-    (megatron's shared Adam step counter, the distributed optimizer's shards) and a stage's layers missing from
-    the checkpoint or the export."""
+    """ReMoRA merges at steps 2 and 4 are logged with the usual tags; a run resumed from the step-2 checkpoint
+    (later checkpoints and 'latest' removed) reproduces steps 3-4 (losses, the merge, eval); the adapter export
+    holds every layer's matrix (both pipeline stages) and the merged export computes the logged eval loss.
+    Catches optimizer state restored wrongly (megatron's shared Adam step counter, the distributed optimizer's
+    shards), a stage's layers missing from the checkpoint or the export, and a merge replayed twice or lost."""
     out = tmp_path / "run"
     _torchrun(out)
     ref = scalars(out)
-    assert {"train/loss", "train/lr", "train/grad_norm", "eval/plays/loss", "eval/poems/loss"} <= set(ref)
+    assert sorted(ref["remora/merges"].items()) == [(2, 1.0), (4, 2.0)]
+    assert {"remora/delta_norm", "remora/type", "train/lr", "train/grad_norm", "eval/plays/loss"} <= set(ref)
     assert set(ref["eval/loss"]) == {0, 2, 4} and ref["eval/loss"][4] < ref["eval/loss"][0]
     ckpt = out / "checkpoints"
     for step in (3, 4):
@@ -63,12 +62,13 @@ def test_native_tp2_pp2_run_resumes_exactly_and_exports(tmp_path):
     for step in (3, 4):
         assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-6), step
     assert got["eval/loss"][4] == pytest.approx(ref["eval/loss"][4], rel=1e-6)
+    assert got["remora/merges"][4] == 2.0 and got["remora/delta_norm"][4] == pytest.approx(ref["remora/delta_norm"][4])
 
     _export(out, tmp_path / "adapter", "--adapter-only", "--tag", "step_0000003")
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     matrices = {k: v for k, v in adapter.items() if k.endswith(".mora_M")}
     assert len(matrices) == 4 * 4  # 4 layers over 2 stages, 4 linear layers each
-    assert all(float(m.abs().max()) > 0 for m in matrices.values())
+    assert all(float(m.abs().max()) > 0 for m in matrices.values())  # step 3: one step after the merge
     _export(out, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
     tok = load_tokenizer("data/shakespeare/tokenizer.json")

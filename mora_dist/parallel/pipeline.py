@@ -226,16 +226,23 @@ def global_state_dict(model: nn.Module | Sequence[nn.Module]) -> dict[str, Any]:
 
 
 def load_global_state_dict(model: nn.Module | Sequence[nn.Module], state: dict[str, Any]) -> None:
-    """Inverse of :func:`global_state_dict` (strict: every key of every chunk must be there, and no other)."""
+    """Inverse of :func:`global_state_dict`: each key goes to the chunk holding its module, loaded strictly (a
+    key the chunk does not have yet, such as a buffer created at a merge, is its modules' load hooks' business).
+
+    Raises:
+        KeyError: a key that no chunk of this rank has a module for.
+    """
     used = set()
     for chunk in model_chunks(model):
         renames = _layer_renames(chunk)
-        keys = {key: _globalize(key, renames) for key in chunk.state_dict()}
-        missing = [g for g in keys.values() if g not in state]
-        if missing:
-            raise KeyError(f"state has no entry for {missing[:5]} of this model chunk")
-        chunk.load_state_dict({key: state[g] for key, g in keys.items()}, strict=True)
-        used.update(keys.values())
+        modules = {_globalize(local, renames): local for local, _ in chunk.named_modules()}
+        local_state = {}
+        for key, value in state.items():
+            module, _, leaf = key.rpartition(".")
+            if module in modules:
+                local_state[f"{modules[module]}.{leaf}" if modules[module] else leaf] = value
+                used.add(key)
+        chunk.load_state_dict(local_state, strict=True)
     extra = sorted(set(state) - used)
     if extra:
         raise KeyError(f"state holds {extra[:5]}, which no model chunk of this rank has")

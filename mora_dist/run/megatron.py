@@ -215,6 +215,8 @@ def _gather(key: str, shards: list[torch.Tensor], tp: int, model1: nn.Module, cf
                 return shards[0]
             full.index_copy_(plan.m_dim, plan.m_ids, shard)
         return full
+    if leaf == "mora_base_residual":  # the bf16 merge residual has the base weight's shape and split
+        return gather_shards(f"{module_name}.weight", shards)
     return gather_shards(key, shards)
 
 

@@ -8,8 +8,8 @@ distributed one) steps it, and every optimizer step runs megatron's pipeline sch
 (``get_forward_backward_func``) over the step's micro-batches. ReMoRA runs through the same callbacks, which
 see this module's :class:`NativeEngine` where they would see a DeepSpeed engine.
 
-Checkpoints: one file per rank (model under global names, optimizer, parameter state of the distributed
-optimizer, scheduler, client state) plus ``layout.json``, written through
+Checkpoints: one file per rank (model under global names, the optimizer's moments and main params of this
+rank, scheduler, client state) plus ``layout.json``, written through
 :func:`mora_dist.run.checkpoint.save_checkpoint` (temp folder, then rename), so a kill leaves the previous
 checkpoint. They resume at the same layout. Export gathers the data-parallel rank 0 files of every
 (pipeline, tensor) rank into the TP = 1 model.
@@ -143,9 +143,13 @@ class NativeEngine:
         return torch.tensor(self._schedule([batch], forward_only=True)[0])
 
     # ---- checkpoints (the interface run/checkpoint.py calls) ----
-    def _param_state(self) -> list[Any]:
-        return [opt.get_parameter_state_dp_reshardable() if hasattr(opt, "get_parameter_state_dp_reshardable")
-                else None for opt in _optimizers(self.optimizer)]
+    def _optimizer_state(self) -> list[dict[str, Any]]:
+        """Per inner optimizer: the torch optimizer's state (moments and step of this rank's main params) and
+        the main params themselves (the fp32 shard under the distributed optimizer). Resumed at the same layout
+        they line up index by index, so the resume is exact without megatron's reshardable formats."""
+        return [{"inner": opt.optimizer.state_dict(),
+                 "main": [p.detach().clone() for g in opt.optimizer.param_groups for p in g["params"]]}
+                for opt in _optimizers(self.optimizer)]
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool = False):
         """Every rank writes ``<save_dir>/<tag>/rank_<r>.pt``; rank 0 adds ``layout.json``. Collective."""
@@ -159,8 +163,8 @@ class NativeEngine:
                  ps.get_data_parallel_rank())
         layout = pipeline.all_gather(where, dist.group.WORLD)
         state = {
-            "model": pipeline.global_state_dict(self.module), "optimizer": self.optimizer.state_dict(),
-            "param_state": self._param_state(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "model": pipeline.global_state_dict(self.module), "optimizer": self._optimizer_state(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "global_steps": self.global_steps, "client_state": client_state,
         }
         tmp = folder / f".{_rank_file(dist.get_rank())}.tmp"
@@ -181,37 +185,15 @@ class NativeEngine:
         _check_layout(folder, self.cfg)
         state = torch.load(folder / _rank_file(dist.get_rank()), map_location="cpu", weights_only=False)
         pipeline.load_global_state_dict(self.module, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _unshare_steps(self.optimizer)
-        for opt, param_state in zip(_optimizers(self.optimizer), state["param_state"]):
-            if param_state is not None:
-                _mark_unpadded(param_state)
-                opt.load_parameter_state_from_dp_reshardable(param_state)
+        for opt, saved in zip(_optimizers(self.optimizer), state["optimizer"], strict=True):
+            opt.optimizer.load_state_dict(saved["inner"])
+            mains = [p for g in opt.optimizer.param_groups for p in g["params"]]
+            with torch.no_grad():  # an fp32 parameter's main copy may be a view of the parameter itself
+                for main, value in zip(mains, saved["main"], strict=True):
+                    main.copy_(value)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_steps = int(state["global_steps"])
         return str(folder), state["client_state"]
-
-
-def _unshare_steps(optimizer: Any) -> None:
-    """megatron-core 0.16 without Apex / Transformer Engine restores the torch optimizer's per-parameter ``step``
-    as ONE tensor shared by every parameter; torch's Adam then adds 1 to it once per parameter per step, and the
-    bias correction of every later step is wrong. Give each parameter its own copy."""
-    for opt in _optimizers(optimizer):
-        for state in opt.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
-def _mark_unpadded(param_state: dict) -> None:
-    """megatron-core 0.16 loads this format only with a ``padding`` flag per entry, which its own
-    ``get_parameter_state_dp_reshardable`` does not write (its sharded-checkpoint path adds it); every entry that
-    method writes is a real parameter."""
-    for key, per_dtype in param_state.items():
-        if isinstance(key, int):
-            for buckets in per_dtype.values():
-                for bucket in buckets:
-                    for entry in bucket:
-                        entry.setdefault("padding", False)
 
 
 def _optimizers(optimizer: Any) -> list[Any]:
