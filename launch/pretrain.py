@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(cfg.training.output_dir)
     created = not out.exists()
-    build.init_distributed(cpu_threads=cfg.training.cpu_threads)
+    single = build.init_distributed(cpu_threads=cfg.training.cpu_threads)
     rank = dist.get_rank()
     setup_logging(cfg, rank)
+    if single:
+        logger.info("no launcher found (no RANK/WORLD_SIZE): running as one process")
     try:
         train(args, cfg, accum, rank)
     except (MoRAConfigError, PeerFailed) as exc:

@@ -256,6 +256,7 @@ def test_plain_python_runs_one_process_and_a_resume_logs_each_step_once(tmp_path
     first = subprocess.run(cmd, capture_output=True, text=True, env=plain_env, timeout=RUN_TIMEOUT_S)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     assert "eval " in first.stderr and "(plays " in first.stderr  # per-source eval on the progress line
+    assert "running as one process" in first.stderr
     # As if killed after logging step 4 but before its checkpoint was complete.
     ckpt = out / "checkpoints"
     shutil.rmtree(ckpt / "step_0000004")

@@ -52,21 +52,24 @@ def patch_deepspeed_for_cpu() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def init_distributed(*, cpu_threads: int | None = None) -> None:
+def init_distributed(*, cpu_threads: int | None = None) -> bool:
     """``deepspeed.init_distributed`` with NCCL on GPUs, gloo on CPU with ``cpu_threads`` intra-op threads per
     rank (default: ``$OMP_NUM_THREADS``, else the cores divided among the local ranks).
 
     Started without a launcher (plain ``python``, no ``RANK``/``WORLD_SIZE`` and no MPI job around it), it runs
     as one process, as ``deepspeed`` with one process does, instead of DeepSpeed's MPI discovery.
+
+    Returns:
+        Whether it started that way (the caller logs it once its logging is set up).
     """
     import deepspeed
 
-    _single_process_env()
+    single = _single_process_env()
 
     if torch.cuda.is_available():
         deepspeed.init_distributed(dist_backend="nccl")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return
+        return single
     patch_deepspeed_for_cpu()
     if cpu_threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         cpu_threads = int(os.environ["OMP_NUM_THREADS"])
@@ -75,12 +78,14 @@ def init_distributed(*, cpu_threads: int | None = None) -> None:
         cpu_threads = max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(cpu_threads)
     deepspeed.init_distributed(dist_backend="gloo")
+    return single
 
 
-def _single_process_env() -> None:
+def _single_process_env() -> bool:
+    """Set a one-process rendezvous when no launcher set one; whether it did."""
     launched = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID")
     if any(key in os.environ for key in launched):
-        return
+        return False
     import socket
 
     with socket.socket() as s:  # a free port for the one-process rendezvous
@@ -88,7 +93,7 @@ def _single_process_env() -> None:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    logger.info("no launcher found (no RANK/WORLD_SIZE): running as a single process")
+    return True
 
 
 def device() -> torch.device:
