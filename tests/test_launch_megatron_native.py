@@ -1,14 +1,16 @@
 """``configs/remora_tiny_megatron_native.json`` through ``torchrun`` (4 ranks: TP = 2, PP = 2, bf16, megatron-core's
-DDP, distributed optimizer and pipeline schedule, no DeepSpeed), resumed from a middle checkpoint, and exported.
+DDP, distributed optimizer and pipeline schedule, no DeepSpeed), killed mid-run and resumed, and exported.
 
 Spec: §3, §4, §5.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from launch_helpers import RUN_TIMEOUT_S, env, free_port, scalars
 from safetensors.torch import load_file
 
 from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
+from mora_dist.run.checkpoint import latest_tag
 
 CONFIG = "configs/remora_tiny_megatron_native.json"
 SETS = ["training.max_steps=4", "remora.merge_every=2", "training.eval_interval=2", "training.save_interval=1",
@@ -24,12 +27,16 @@ SETS = ["training.max_steps=4", "remora.merge_every=2", "training.eval_interval=
         "data.sources.0.eval_blocks=4", "data.sources.1.eval_blocks=4"]
 
 
-def _torchrun(out, *extra: str) -> None:
+def _cmd(out, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
            "launch/pretrain.py", "--config", CONFIG]
     for item in [*SETS, f"training.output_dir={out}"]:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd + list(extra), capture_output=True, text=True, env=env(), timeout=RUN_TIMEOUT_S)
+    return cmd + list(extra)
+
+
+def _torchrun(out, *extra: str) -> None:
+    proc = subprocess.run(_cmd(out, *extra), capture_output=True, text=True, env=env(), timeout=RUN_TIMEOUT_S)
     if proc.returncode != 0:
         raise AssertionError(f"launch failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
 
@@ -40,29 +47,46 @@ def _export(run, out, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_native_tp2_pp2_run_resumes_exactly_and_exports(tmp_path):
-    """ReMoRA merges at steps 2 and 4 are logged with the usual tags; a run resumed from the step-2 checkpoint
-    (later checkpoints and 'latest' removed) reproduces steps 3-4 (losses, the merge, eval); the adapter export
-    holds every layer's matrix (both pipeline stages) and the merged export computes the logged eval loss.
-    Catches optimizer state restored wrongly (megatron's shared Adam step counter, the distributed optimizer's
-    shards), a stage's layers missing from the checkpoint or the export, and a merge replayed twice or lost."""
-    out = tmp_path / "run"
-    _torchrun(out)
-    ref = scalars(out)
+def _torchrun_killed(out) -> str:
+    """Start the run and SIGKILL its whole process group (torchrun and the 4 ranks, no clean-up) once the step-2
+    checkpoint exists; returns the newest complete checkpoint left."""
+    proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while (latest_tag(out / "checkpoints") or "") < "step_0000002":
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return latest_tag(out / "checkpoints")
+
+
+def test_native_tp2_pp2_killed_run_resumes_exactly_and_exports(tmp_path):
+    """ReMoRA merges at steps 2 and 4 are logged with the usual tags; a run SIGKILLed (process group) after its
+    step-2 checkpoint and resumed with --resume reproduces the uninterrupted run's steps (losses, the merge, eval);
+    the adapter export holds every layer's matrix (both pipeline stages) and the merged export computes the logged
+    eval loss. Catches optimizer state restored wrongly (megatron's shared Adam step counter, the distributed
+    optimizer's shards), a checkpoint half-written by the kill, a stage's layers missing from the checkpoint or the
+    export, and a merge replayed twice or lost."""
+    ref_dir, out = tmp_path / "ref", tmp_path / "run"
+    _torchrun(ref_dir)
+    ref = scalars(ref_dir)
     assert sorted(ref["remora/merges"].items()) == [(2, 1.0), (4, 2.0)]
     assert {"remora/delta_norm", "remora/type", "train/lr", "train/grad_norm", "eval/plays/loss"} <= set(ref)
     assert set(ref["eval/loss"]) == {0, 2, 4} and ref["eval/loss"][4] < ref["eval/loss"][0]
-    ckpt = out / "checkpoints"
-    for step in (3, 4):
-        shutil.copytree(ckpt / f"step_000000{step}", tmp_path / f"kept_{step}")
-        shutil.rmtree(ckpt / f"step_000000{step}")
-    (ckpt / "latest").unlink()
+    killed_at = _torchrun_killed(out)
+    assert killed_at < "step_0000004", killed_at
     _torchrun(out, "--resume")
     got = scalars(out)
-    for step in (3, 4):
-        assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-6), step
+    assert sorted(got["train/loss"]) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-6), (step, killed_at)
     assert got["eval/loss"][4] == pytest.approx(ref["eval/loss"][4], rel=1e-6)
     assert got["remora/merges"][4] == 2.0 and got["remora/delta_norm"][4] == pytest.approx(ref["remora/delta_norm"][4])
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
     _export(out, tmp_path / "adapter", "--adapter-only", "--tag", "step_0000003")
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
