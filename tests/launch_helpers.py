@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -44,6 +46,26 @@ def run(nprocs: int, config: str, sets: list[str], *extra: str) -> subprocess.Co
     if proc.returncode != 0:
         raise AssertionError(f"launch failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
     return proc
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: str | Path, tag: str) -> str:
+    """Start ``cmd`` and SIGKILL its whole process group (the launcher and every rank, no clean-up) once the
+    checkpoint ``tag`` (or a later one) is complete; returns the newest complete checkpoint left behind."""
+    from mora_dist.run.checkpoint import latest_tag
+
+    checkpoints = Path(run_dir) / "checkpoints"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while (latest_tag(checkpoints) or "") < tag:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return latest_tag(checkpoints)
 
 
 def scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:

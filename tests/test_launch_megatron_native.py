@@ -6,20 +6,16 @@ Spec: §3, §4, §5.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import transformers
-from launch_helpers import RUN_TIMEOUT_S, env, free_port, scalars
+from launch_helpers import RUN_TIMEOUT_S, env, free_port, kill_after_checkpoint, scalars
 from safetensors.torch import load_file
 
 from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
-from mora_dist.run.checkpoint import latest_tag
 
 CONFIG = "configs/remora_tiny_megatron_native.json"
 SETS = ["training.max_steps=4", "remora.merge_every=2", "training.eval_interval=2", "training.save_interval=1",
@@ -48,20 +44,8 @@ def _export(run, out, *extra: str) -> None:
 
 
 def _torchrun_killed(out) -> str:
-    """Start the run and SIGKILL its whole process group (torchrun and the 4 ranks, no clean-up) once the step-2
-    checkpoint exists; returns the newest complete checkpoint left."""
-    proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
-                            start_new_session=True)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    try:
-        while (latest_tag(out / "checkpoints") or "") < "step_0000002":
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return latest_tag(out / "checkpoints")
+    """Run, and SIGKILL torchrun and the 4 ranks once the step-2 checkpoint exists; the newest checkpoint left."""
+    return kill_after_checkpoint(_cmd(out), out, "step_0000002")
 
 
 def test_native_tp2_pp2_killed_run_resumes_exactly_and_exports(tmp_path):

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from launch_helpers import (
     TINY,
     env,
     export_in_process,
+    kill_after_checkpoint,
     launch_cmd,
     raw_scalar_steps,
     run,
@@ -121,18 +120,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
     ref = scalars(tiny_run[0])
     out = tmp_path / "run"
     cmd = launch_cmd(2, TINY, [*FAST, f"training.output_dir={out}"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
-                            start_new_session=True)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    try:
-        while (latest_tag(out / "checkpoints") or "") < "step_0000030":
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = latest_tag(out / "checkpoints")
+    killed_at = kill_after_checkpoint(cmd, out, "step_0000030")
     assert killed_at < "step_0000080", killed_at
     run(2, TINY, [*FAST, f"training.output_dir={out}"], "--resume")
     got = scalars(out)
