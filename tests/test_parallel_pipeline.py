@@ -123,7 +123,6 @@ def _per_token_losses(chunks) -> torch.Tensor:
 def _train(chunks, merge_every: int, steps: int, cycle: tuple = (1, 2)) -> dict:
     """Megatron DDP + the pipeline schedule + AdamW on ``main_grad``, ReMoRA types 1 -> 2 -> 1 at every merge.
     Returns each step's loss and every M's gradient (global names)."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from mora_dist import mora_layers
@@ -147,14 +146,7 @@ def _train(chunks, merge_every: int, steps: int, cycle: tuple = (1, 2)) -> dict:
             p.grad = p.main_grad
         grads.append({name: layer.mora_M.main_grad.clone() for name, layer in mora_layers(ddp)})
         opt.step()
-        engine.global_steps = step
-        metrics = callbacks.on_step_end(engine)
-        if metrics:
-            merges.append(metrics["remora/type"])
-        last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        local = sum(float(d["loss"]) for d in data) / len(data) if last else None
-        dp = parallel_state.get_data_parallel_world_size()
-        losses.append(sum(v for v in _world_gather(local) if v is not None) / dp)
+        _end_step(engine, callbacks, step, data, merges, losses)
     merged_grads = {}
     for part in _world_gather(grads):
         for step, g in enumerate(part):
@@ -163,13 +155,27 @@ def _train(chunks, merge_every: int, steps: int, cycle: tuple = (1, 2)) -> dict:
     return {"losses": losses, "grads": merged_grads, "merges": merges}
 
 
+def _end_step(engine, callbacks, step: int, data: list, merges: list, losses: list) -> None:
+    """After the optimizer step: run the callbacks (a merge records its type) and record the step's loss, the mean
+    over data-parallel replicas of what the last pipeline stage computed."""
+    from megatron.core import parallel_state
+
+    engine.global_steps = step
+    metrics = callbacks.on_step_end(engine)
+    if metrics:
+        merges.append(metrics["remora/type"])
+    last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    local = sum(float(d["loss"]) for d in data) / len(data) if last else None
+    dp = parallel_state.get_data_parallel_world_size()
+    losses.append(sum(v for v in _world_gather(local) if v is not None) / dp)
+
+
 def _train_bf16(chunks, merge_every: int, steps: int, cycle: tuple = (1, 2)) -> dict:
     """:func:`_train` the way ``mora_dist/run/megatron_native.py`` trains bf16: ``Float16Module`` (M stays fp32),
     megatron DDP reducing in fp32, megatron's ``DistributedOptimizer`` (fp32 main shards, as
     ``configs/remora_tiny_megatron_native.json`` selects), our ``finalize_model_grads``. Returns each step's loss,
     the optimizer's global gradient norm (only M trains: the norm of every M's gradient, each DP shard counted
     once; ``main_grad`` itself holds the reduced values only in this rank's shard) and the parameter dtypes."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
@@ -197,14 +203,7 @@ def _train_bf16(chunks, merge_every: int, steps: int, cycle: tuple = (1, 2)) -> 
         ok, grad_norm, _ = opt.step()
         assert ok, f"bf16 step {step} failed"
         grads.append(float(grad_norm))
-        engine.global_steps = step
-        metrics = callbacks.on_step_end(engine)
-        if metrics:
-            merges.append(metrics["remora/type"])
-        last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        local = sum(float(d["loss"]) for d in data) / len(data) if last else None
-        dp = parallel_state.get_data_parallel_world_size()
-        losses.append(sum(v for v in _world_gather(local) if v is not None) / dp)
+        _end_step(engine, callbacks, step, data, merges, losses)
     dtypes = sorted({str(layer.mora_M.dtype) for _, layer in mora_layers(ddp)} |
                     {str(p.dtype) for c in chunks for n, p in c.named_parameters() if "mora" not in n})
     return {"losses": losses, "grad_norms": grads, "merges": merges, "dtypes": dtypes}
