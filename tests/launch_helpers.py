@@ -68,6 +68,23 @@ def kill_after_checkpoint(cmd: list[str], run_dir: str | Path, tag: str) -> str:
     return latest_tag(checkpoints)
 
 
+def held_out_losses(model, eval_blocks: int) -> dict[str, float]:
+    """The causal-LM loss of a Hugging Face ``model`` on each shipped source's held-out blocks (128 tokens, the
+    last ``eval_blocks`` of the packed source: what the launcher evaluates on)."""
+    import torch
+
+    from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
+
+    tok = load_tokenizer("data/shakespeare/tokenizer.json")
+    out = {}
+    for name in ("plays", "poems"):
+        packed = tokenize_and_pack(load_text_source(path=f"data/shakespeare/{name}.txt.gz"), tok, 128)
+        ids = torch.tensor(split_eval(packed, eval_blocks)[1])
+        with torch.no_grad():
+            out[name] = model(input_ids=ids, labels=ids).loss.item()
+    return out
+
+
 def scalars(run_dir: str | Path) -> dict[str, dict[int, float]]:
     """``tag -> {step: value}`` from the run's TensorBoard event files (restarts purge orphaned steps)."""
     ea = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})

@@ -112,8 +112,9 @@ def megatron_mora_training(kind: str, *, seed: int = 0, lr: float = 1e-2, mora_d
     return ddp, optimizer
 
 
-def megatron_train_step(ddp, optimizer, step: int, batch: int = 4, seq: int = 8) -> float:
-    """One optimizer step on this data-parallel rank's part of the seeded batch ``step``; returns its loss."""
+def megatron_train_step(ddp, optimizer, step: int, batch: int = 4, seq: int = 8) -> tuple[float, float]:
+    """One optimizer step on this data-parallel rank's part of the seeded batch ``step``; returns its loss and the
+    optimizer's global gradient norm."""
     from megatron.core import parallel_state
 
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -124,6 +125,7 @@ def megatron_train_step(ddp, optimizer, step: int, batch: int = 4, seq: int = 8)
     loss = ddp(ids[part], pos[part], mask, labels=labels[part]).float().mean()
     loss.backward()
     ddp.finish_grad_sync()
-    if not optimizer.step()[0]:
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
         raise RuntimeError(f"megatron optimizer skipped step {step}")
-    return float(loss)
+    return float(loss), float(grad_norm)

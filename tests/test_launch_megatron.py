@@ -10,9 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from launch_helpers import env, run, scalars
-
-from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
+from launch_helpers import env, held_out_losses, run, scalars
 
 CONFIG = "configs/remora_tiny_megatron_tp2.json"
 SETS = ["training.max_steps=40", "remora.merge_every=20", "training.eval_interval=10", "training.save_interval=10",
@@ -33,15 +31,9 @@ def test_megatron_tp2_tiny_run_and_export_match(tmp_path):
                            "--tag", "step_0000030"], capture_output=True, text=True, env=env(), timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    tok = load_tokenizer("data/shakespeare/tokenizer.json")
-    for name in ("plays", "poems"):
-        packed = tokenize_and_pack(load_text_source(path=f"data/shakespeare/{name}.txt.gz"), tok, 128)
-        _, held_out = split_eval(packed, 32)
-        ids = torch.tensor(held_out)
-        with torch.no_grad():
-            loss = hf(input_ids=ids, labels=ids).loss.item()
+    for name, loss in held_out_losses(hf, 32).items():
         assert loss == pytest.approx(s[f"eval/{name}/loss"][30], rel=2e-5), name
-    _check_peft_lora_since_start(out, tmp_path, hf, torch.tensor(held_out[:2]))
+    _check_peft_lora_since_start(out, tmp_path, hf, torch.tensor([[5, 17, 99, 3, 250, 8], [41, 7, 2, 160, 33, 9]]))
 
 
 # The run's starting weights as a Hugging Face model: the TP = 1 init, which on CPU draws the same global weights

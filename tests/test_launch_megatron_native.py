@@ -10,12 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
-from launch_helpers import RUN_TIMEOUT_S, env, free_port, kill_after_checkpoint, scalars
+from launch_helpers import RUN_TIMEOUT_S, env, free_port, held_out_losses, kill_after_checkpoint, scalars
 from safetensors.torch import load_file
-
-from mora_dist.data import load_text_source, load_tokenizer, split_eval, tokenize_and_pack
 
 CONFIG = "configs/remora_tiny_megatron_native.json"
 SETS = ["training.max_steps=4", "remora.merge_every=2", "training.eval_interval=2", "training.save_interval=1",
@@ -79,11 +76,5 @@ def test_native_tp2_pp2_killed_run_resumes_exactly_and_exports(tmp_path):
     assert all(float(m.abs().max()) > 0 for m in matrices.values())  # step 3: one step after the merge
     _export(out, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
-    tok = load_tokenizer("data/shakespeare/tokenizer.json")
-    for name in ("plays", "poems"):
-        packed = tokenize_and_pack(load_text_source(path=f"data/shakespeare/{name}.txt.gz"), tok, 128)
-        _, held_out = split_eval(packed, 4)
-        ids = torch.tensor(held_out)
-        with torch.no_grad():
-            loss = hf(input_ids=ids, labels=ids).loss.item()
+    for name, loss in held_out_losses(hf, 4).items():
         assert loss == pytest.approx(got[f"eval/{name}/loss"][4], rel=2e-2), name  # the run computes in bf16

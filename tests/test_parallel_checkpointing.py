@@ -68,7 +68,7 @@ def _run(folder=None, *, resume=False):
         out["loaded_step"] = engine.global_steps
         out["adam_steps"] = megatron_state.adam_steps(optimizer)
     for step in range(engine.global_steps + 1, STEPS + 1):
-        out["losses"][step] = megatron_train_step(ddp, optimizer, step)
+        out["losses"][step] = megatron_train_step(ddp, optimizer, step)[0]
         engine.global_steps = step
         callbacks.on_step_end(engine)
         if step == SAVE_AT and folder is not None and not resume:

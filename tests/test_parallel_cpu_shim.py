@@ -3,14 +3,13 @@
 import pytest
 import torch
 from distributed import run_workers
-from parallel_setup import close_megatron, gpt_batch, init_megatron, portable, restore, tiny_gpt
+from parallel_setup import close_megatron, gpt_batch, init_megatron, megatron_train_step, portable, restore, tiny_gpt
 
 STEPS, BATCH, SEQ, LR = 3, 4, 8, 1e-2
 
 
 def _megatron_train(kind):
     """Train STEPS steps with megatron DDP + ``get_megatron_optimizer``; each DP rank takes its half of the batch."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
@@ -25,19 +24,10 @@ def _megatron_train(kind):
     optimizer = get_megatron_optimizer(
         OptimizerConfig(lr=LR, weight_decay=0.0, bf16=bf16, use_distributed_optimizer=distributed, clip_grad=1.0),
         [ddp])
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     losses, norms = [], []
     for step in range(STEPS):
-        ids, pos, mask, labels = gpt_batch(step, BATCH, SEQ)
-        part = slice(rank * BATCH // dp, (rank + 1) * BATCH // dp)
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = ddp(ids[part], pos[part], mask, labels=labels[part]).float().mean()
-        loss.backward()
-        ddp.finish_grad_sync()
-        ok, norm, _ = optimizer.step()
-        assert ok
-        losses.append(float(loss))
+        loss, norm = megatron_train_step(ddp, optimizer, step, BATCH, SEQ)
+        losses.append(loss)
         norms.append(norm)
     inner = model.module if bf16 else model
     return {"losses": losses, "norms": norms, "types": [type(o).__name__ for o in optimizer.chained_optimizers],
