@@ -1,23 +1,46 @@
-"""Shared setup of the megatron-core worker processes of the tensor-parallel tests (gloo, CPU)."""
+"""Shared setup of the megatron-core worker processes of the tensor-parallel tests (gloo on CPU; NCCL on one GPU
+per rank where a test asks for CUDA)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
 
-def init_megatron(tp: int, *, seed: int = 1234) -> None:
-    """Process group over gloo, megatron-core model parallel state with TP = ``tp``, CPU shim, seeds."""
+def init_megatron(tp: int, *, seed: int = 1234, device: str = "cpu") -> torch.device:
+    """Process group, megatron-core model parallel state with TP = ``tp`` and seeds; returns this rank's device.
+
+    ``device="cpu"``: gloo, the CPU shim and its RNG tracker. ``device="cuda"``: GPU ``LOCAL_RANK`` made current
+    (megatron allocates its collectives' buffers on ``torch.cuda.current_device()``), NCCL, megatron's own CUDA
+    RNG tracker (the CPU shim is not used: :func:`enable_cpu_megatron` patches nothing when CUDA is available),
+    and TF32 off for torch's matmuls and cuDNN so fp32 results can be held to fp32 tolerances.
+    """
     warnings.filterwarnings("ignore")
-    torch.distributed.init_process_group("gloo")
     from megatron.core import parallel_state
 
+    if device == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.distributed.init_process_group("nccl", device_id=local)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        return local
+    if device != "cpu":
+        raise ValueError(f"init_megatron: device={device!r}; use 'cpu' or 'cuda'")
+    torch.distributed.init_process_group("gloo")
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_seed, enable_cpu_megatron
 
     enable_cpu_megatron()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     cpu_model_parallel_seed(seed)
+    return torch.device("cpu")
 
 
 def close_megatron() -> None:

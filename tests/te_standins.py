@@ -11,7 +11,7 @@ Transformer Engine needs CUDA to install, so the TE tests run on these. They mir
   ``layer_norm_weight``/``layer_norm_bias``, ``normalization``, ``zero_centered_gamma``, and the gradient of
   ``ln_out``: added after TE's reduction of the input gradient, and dropped when
   ``return_layernorm_output_gathered`` is set (``_LayerNormLinear.backward`` reads ``grad_outputs[1]`` only for
-  the non-gathered form).
+  the non-gathered form); ``primary_weights_in_fp8`` (``module/base.py``: set under ``quantized_model_init``).
 - megatron-core 0.16.1, ``megatron/core/extensions/transformer_engine.py``: ``TELinear``, ``TEColumnParallelLinear``,
   ``TERowParallelLinear``, ``TELayerNormColumnParallelLinear`` (signatures, ``te_return_bias``, the
   ``(output, bias)`` convention, CPU initialisation through ``_initialize_affine_weight_cpu``, parameter
@@ -59,6 +59,7 @@ class Linear(nn.Module):
         elif parallel_mode == "row":
             self.in_features = _divide(self.in_features, self.tp_size)
         self.sequence_parallel = self.tp_size > 1 and sequence_parallel
+        self.primary_weights_in_fp8 = False  # TE: True for modules built under quantized_model_init
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=params_dtype, device=device))
         if init_method is not None:
             init_method(self.weight)

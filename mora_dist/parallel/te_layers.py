@@ -17,8 +17,17 @@ reach the norm or the layers below. TE adds the gradient of the local ``LN(x)`` 
 input gradient, so the adapter's partial gradient is summed by the wrapper's ``r_hat``-wide collective on ``u``:
 one ``(s, b, r_hat)`` all-reduce (or reduce-scatter), never a ``k``-wide one.
 
+FP8: the adapter is plain torch and never enters TE's FP8 GEMMs. Under ``te.pytorch.autocast`` (formerly
+``fp8_autocast``) only the TE layer's own GEMM runs in FP8; the adapter reads the high-precision input (the
+fused-norm layer returns ``LN(x)`` before TE quantizes it, ``layernorm_linear.py``) and adds its bf16/fp32 ``D z``
+to TE's output. Asking for ``LN(x)`` turns off, on that layer, TE's userbuffers all-gather overlap of the forward
+and (under FP8) its fused norm+quantize kernel. Weights kept in FP8 (``quantized_model_init``, formerly
+``fp8_model_init``) are refused: a merge ``W += dW`` would be re-quantized to FP8 and lose most of ``dW``.
+On CUDA ``M`` is allocated on the base weight's device; with ``params_dtype`` bf16 ``M`` stays in ``mora_dtype``
+and the adapter multiplies in the activation dtype (:class:`~mora_dist.parallel.layers.MoRAColumnParallelLinear`).
+
 Refused with an error that names the option: MoE experts (``SequentialMLP`` local experts; grouped experts,
-``TEGroupedLinear``), which have no per-expert MoRA yet.
+``TEGroupedLinear``), which have no per-expert MoRA yet; FP8 primary weights (above).
 
 Spec: §4.
 """
@@ -164,6 +173,12 @@ def te_wrapper_class(module: nn.Module, name: str) -> type[MoRATEColumnParallelL
         raise MoRAConfigError(
             f"{name}: {cls} holds grouped MoE experts, which MoRA does not adapt; leave them out with "
             "exclude_modules=['*experts*'], or build the experts without grouped GEMM"
+        )
+    if getattr(module, "primary_weights_in_fp8", False):
+        raise MoRAConfigError(
+            f"{name}: {cls} keeps its weight in FP8 (built under Transformer Engine's quantized_model_init / "
+            "fp8_model_init), where a MoRA merge W += dW would be re-quantized and lose most of dW; build the "
+            "base model with bf16 or fp32 weights (FP8 compute under te.pytorch.autocast is fine)"
         )
     if hasattr(module, "layer_norm_weight"):
         if module.parallel_mode != "column":
