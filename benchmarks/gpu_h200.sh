@@ -2,7 +2,13 @@
 # GPU figures for the README (issue 6), in one short run on one CUDA GPU, from the repository root:
 #   1. the layer benchmark (issue 2) in bf16 and fp32;
 #   2. training throughput and peak memory of full-rank / LoRA / MoRA / ReMoRA (bench_train.py, bf16, ZeRO-2);
-#   3. 30 steps of configs/remora_250m.json (the paper's 250M shape) on the shipped corpus, with 3 ReMoRA merges.
+#   3. 30 steps of configs/remora_250m.json (the paper's 250M shape) on the shipped corpus, with 3 ReMoRA merges;
+#   4. MoRA on megatron's real Transformer Engine layers (issue 11): the real-TE cases of
+#      tests/test_parallel_te_layers.py (-k real_te: TP = 1 on one GPU, TP = 2 needs two; the stand-in cases are
+#      for CPU-only hosts). They need transformer_engine and megatron-core importable, and -rs prints why a case
+#      skipped. This script does not install TE: the machine reaches no package registry, TE's core wheel
+#      (transformer-engine-cu13 2.20.2) is 276 MB, more than a run can carry, and transformer-engine-torch is
+#      published as source only (built against the local torch with nvcc, longer than a run).
 # Results go to $OUT (default gpu_results/). Each step has its own time limit so one slow step cannot eat the rest.
 set -uo pipefail
 OUT=${OUT:-gpu_results}
@@ -27,3 +33,6 @@ timeout 180 python -m torch.distributed.run --standalone --nproc_per_node 1 laun
   --set training.eval_interval=0 --set training.save_interval=0 --set training.log_interval=1 \
   --set training.output_dir=/tmp/remora_250m --set remora.merge_every=10 \
   --set scheduler.warmup_steps=5 --set scheduler.restart_warmup_steps=2 "$@" 2>&1 | tee "$OUT/remora_250m_h200.txt"
+
+timeout 300 python -m pytest tests/test_parallel_te_layers.py -q -rs -k real_te -p no:cacheprovider 2>&1 \
+  | tee "$OUT/te_layers_h200.txt"

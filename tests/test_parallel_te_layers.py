@@ -33,12 +33,15 @@ def _real_te_unavailable() -> dict[int, str | None]:
     ``transformer_engine`` (built against CUDA; megatron-core falls back to a mock without it) and one CUDA GPU
     per rank."""
     if importlib.util.find_spec("transformer_engine") is None:
-        why = "transformer_engine is not installed (it builds only against CUDA); these cases ran on the stand-ins"
+        why = "transformer_engine is not installed (it builds only against CUDA); the stand-in cases are the same"
         return {1: why, 2: why}
     try:
         import transformer_engine.pytorch.fp8  # noqa: F401  (what megatron.core.extensions.transformer_engine needs)
     except Exception as exc:  # any import failure is a reason to skip, reported as is
         why = f"transformer_engine is installed but does not import ({type(exc).__name__}: {exc})"
+        return {1: why, 2: why}
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        why = "megatron-core is not installed (its TE wrappers are what these cases test)"
         return {1: why, 2: why}
     gpus = torch.cuda.device_count()
     return {tp: None if gpus >= tp else f"real TE at TP={tp} needs {tp} CUDA GPU(s), one per rank; {gpus} visible"
