@@ -12,6 +12,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import cpt_compare  # noqa: E402
 import memorize  # noqa: E402
 import pretrain_compare  # noqa: E402
 import rank_spectra  # noqa: E402
@@ -133,3 +134,91 @@ def test_results_table_reads_list_and_keyed_benchmark_files(tmp_path):
     results_table.main(["--out-dir", str(tmp_path)])
     text = (tmp_path / "results_table.md").read_text()
     assert "| mora | 9.5 |" in text and "not found (run with --run-layer)" in text
+
+
+CPT_TOY = ["--hidden", "32", "--layers", "1", "--intermediate", "48", "--heads", "2", "--base-steps", "4",
+           "--steps", "4", "--merge-every", "2", "--warmup", "1", "--restart-warmup", "1", "--drugs", "4",
+           "--batch", "5", "--seq", "32", "--seeds", "0,1", "--lr-grid-peft", "1e-3,3e-3", "--lr-grid-full", "1e-4",
+           "--eval-every", "2", "--old-windows", "4", "--threads", "1"]
+
+
+def test_cpt_world_keeps_held_out_phrasings_out_of_training():
+    """Catches: a development or test phrasing leaking into the training documents (the probe would measure
+    recall, not knowledge), a fact missing from a training phrasing, a probe span that is not the answer."""
+    tok = cpt_compare.ev.CharTokenizer()
+    facts = cpt_compare.make_world(6, 0)
+    assert len({f.drug for f in facts}) == 6 and all(f.answer != f.drug for f in facts if f.relation == "interaction")
+    text = "\n\n".join(cpt_compare.training_documents(facts))
+    for fact in facts:
+        for phrasing in range(cpt_compare.TRAIN_PHRASINGS):
+            assert text.count(fact.sentence(phrasing)) == 1
+        for phrasing in (cpt_compare.DEV, cpt_compare.TEST):
+            assert fact.probe(phrasing)[0] not in text
+    for rel, templates in cpt_compare.TEMPLATES.items():
+        held_out = {t.split("{d}")[0] + "|" + t.split("{d}")[1].split("{a}")[0] for t in templates[4:]}
+        seen = {t.split("{d}")[0] + "|" + t.split("{d}")[1].split("{a}")[0] for t in templates[:4]}
+        assert not held_out & seen, f"{rel}: a held-out phrasing repeats a training one"
+    ids, spans = cpt_compare.probe_batch(facts, cpt_compare.TEST, tok)
+    for row, (fact, (start, length)) in enumerate(zip(facts, spans)):
+        assert tok.decode(ids[row, start: start + length]) == fact.answer
+        assert tok.decode(ids[row, :start]) == fact.probe(cpt_compare.TEST)[0]
+
+
+class _NextCharOracle(torch.nn.Module):
+    """Logits that put all mass on the true next character, ``shift`` positions off (0: always right)."""
+
+    def __init__(self, shift: int) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, input_ids):
+        target = torch.roll(input_ids, -1 - self.shift, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(target, 96).float()})()
+
+
+def test_cpt_probe_reads_the_answer_span_only():
+    """Catches: the probe scoring the wrong positions (off by one would give the oracle a low score), or exact
+    match counted per character."""
+    tok = cpt_compare.ev.CharTokenizer()
+    ids, spans = cpt_compare.probe_batch(cpt_compare.make_world(3, 0), cpt_compare.TEST, tok)
+    assert cpt_compare.probe_accuracy(_NextCharOracle(0), ids, spans) == {"char_acc": 1.0, "exact": 1.0}
+    shifted = cpt_compare.probe_accuracy(_NextCharOracle(1), ids, spans)
+    assert shifted["exact"] == 0.0 and shifted["char_acc"] < 0.3
+
+
+def test_cpt_replay_share_takes_whole_rows_from_the_old_domain():
+    """Catches: replay that draws from the new domain only (or the other way round)."""
+    new, old = torch.zeros(500, dtype=torch.long), torch.ones(500, dtype=torch.long)
+    x, _ = cpt_compare.make_batch_fn(new, old, batch=10, seq=16, replay=0.2, seed=0)(0)
+    assert x.shape == (10, 16) and x[:8].eq(0).all() and x[8:].eq(1).all()
+    x, _ = cpt_compare.make_batch_fn(new, old, batch=10, seq=16, replay=0.0, seed=0)(0)
+    assert x.eq(0).all()
+
+
+def test_cpt_compare_reproduces_across_worker_counts_and_records_the_sweep(tmp_path):
+    """Catches: figures that depend on the number of worker processes or on run order, a PEFT method with another
+    budget, a chosen learning rate that is not the sweep's best on the development phrasing, restarts at the wrong
+    steps, forgetting measured against something other than the base."""
+    out = tmp_path / "c.json"
+    cpt_compare.main(CPT_TOY + ["--workers", "1", "--out", str(out)])
+    first = _without_run(out)
+    cpt_compare.main(CPT_TOY + ["--workers", "2", "--out", str(out)])
+    assert _without_run(out) == first, "same seeds, same arguments: the JSON must not depend on --workers"
+    assert list(first["results"]) == ["replay 0", "replay 0.2"]
+    results = first["results"]["replay 0"]
+    assert list(results) == cpt_compare.METHOD_ORDER
+    budgets = [results[m]["adapter_params"] for m in ("lora", "mora1", "mora6", "relora", "remora")]
+    assert max(budgets) / min(budgets) < 1.15 and results["full"]["trainable_params"] > 2 * max(budgets)
+    assert results["remora"]["restarts"] == [2] and results["mora1"]["restarts"] == []
+    for name, grid in first["sweep"].items():
+        assert len(grid) == (1 if name == "full" else 2)
+        best = max(grid.values(), key=lambda v: (v["dev_char_acc"], -v["dev_loss"]))
+        assert grid[f"{first['lr'][name]:g}"] == best
+        assert results[name]["lr"] == first["lr"][name]
+    for name, res in results.items():
+        assert res["steps"] == [0, 2, 4] and len(res["per_seed_final"]) == 2
+        assert res["curve"]["old_loss"][0] == pytest.approx(first["base"]["old_loss"], rel=1e-5)
+        mean_final = sum(f["old_loss"] for f in res["per_seed_final"]) / 2
+        assert res["forgetting"] == pytest.approx(mean_final - first["base"]["old_loss"], abs=1e-5)
+        assert first["sweep"][name][f"{res['lr']:g}"]["test_char_acc"] == res["per_seed_final"][0]["test_char_acc"]
+    assert (tmp_path / "c_probe.png").stat().st_size > 1000 and (tmp_path / "c_tradeoff.png").exists()
