@@ -231,12 +231,14 @@ def _worker(tp: int, backend: str, cases: list[dict], root: str) -> dict:
         res = dict(cls=type(layer).__name__, y=y_full.detach(), dx=x.grad, gM=layer.mora_M.grad,
                    m_dim=layer.plan.m_dim, m_ids=layer.plan.m_ids, M_back=layer.get_global_M(),
                    dW=layer.delta_weight(), te_origin=_te_origin(base), m_device=str(layer.mora_M.device),
-                   w_device=str(base.weight.device))
+                   w_device=str(base.weight.device), first_mb=[base.is_first_microbatch])
         if tp == 1:
             res.update(W=base.weight.detach().clone(), b=base.bias.detach().clone())
             if hasattr(base, "layer_norm_weight"):
                 res.update(gamma=base.layer_norm_weight.detach().clone(), beta=None if base.layer_norm_bias is None
                            else base.layer_norm_bias.detach().clone(), norm=base.normalization, eps=base.eps)
+        layer.merge()  # must make TE recast its (FP8-cached) weight at the next forward
+        res["first_mb"].append(base.is_first_microbatch)
         out[case["id"]] = res
     out["errors"] = _errors(tp, backend)
     if backend == "standin":
@@ -338,6 +340,7 @@ def test_te_layer_tp1_matches_dense_reference(case, backend):
     _close(ref["dx"], dx, "input grad", GEMM_TOL[backend])
     _close(ref["gM"], gM, "M grad")
     assert ref["m_device"] == ref["w_device"]
+    assert list(ref["first_mb"]) == [False, True]  # after the forward; after a merge
 
 
 @pytest.mark.parametrize("backend", _backends(2))

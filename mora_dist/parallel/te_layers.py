@@ -40,6 +40,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from mora_dist.errors import MoRAConfigError
+from mora_dist.merge import FoldNorms
 from mora_dist.parallel.layers import MoRAColumnParallelLinear, MoRARowParallelLinear
 from mora_dist.parallel.mappings import reduce_replicated_grad
 
@@ -68,6 +69,15 @@ class _TEBeside:
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         output, bias = self.base_layer(input_)
         return self._forward_beside(input_, output), bias
+
+    def merge(self, reinit: bool = True, *, M: torch.Tensor | None = None) -> FoldNorms:
+        """``W += dW(M)`` as every MoRA layer merges, then megatron's ``is_first_microbatch`` flag set again:
+        under FP8, TE reuses its cached FP8 copy of the weight while the flag is False (``linear.py``:
+        ``update_workspace`` only on a first microbatch), so without it a forward after the merge, outside
+        megatron's schedules (which set the flag at each step's first microbatch), would use the old weight."""
+        norms = super().merge(reinit, M=M)
+        self.base_layer.is_first_microbatch = True
+        return norms
 
 
 class MoRATEColumnParallelLinear(_TEBeside, MoRAColumnParallelLinear):
