@@ -102,6 +102,9 @@ def _config(case: dict, tp: int):
         sequence_parallel=case["sp"] and tp > 1,
         normalization="LayerNorm" if "layernorm" in case["kind"] else "RMSNorm",
         gated_linear_unit=case["kind"] == "ln_column_fc1", params_dtype=torch.float32, layernorm_epsilon=1e-5,
+        # On CUDA too: use_cpu_initialization (megatron's --use-cpu-initialization) draws each global weight once
+        # on the CPU and keeps this rank's shard, so every TP size has the same weights (real TE then creates its
+        # parameters with device="cpu"); the fusions these kwargs turn off are optional on a GPU.
         **cpu_model_parallel_kwargs(),
     )
 
