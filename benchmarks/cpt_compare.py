@@ -39,6 +39,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -196,8 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHOD_ORDER))
     p.add_argument("--drugs", type=int, default=16, help="invented drugs, four facts each")
     p.add_argument("--world-seed", type=int, default=0, help="draws the drugs and their facts")
-    p.add_argument("--steps", type=int, default=240, help="continual-pretraining steps of every run")
-    p.add_argument("--merge-every", type=int, default=60, help="ReLoRA/ReMoRA restart period T")
+    p.add_argument("--steps", type=int, default=200, help="continual-pretraining steps of every run")
+    p.add_argument("--merge-every", type=int, default=50, help="ReLoRA/ReMoRA restart period T")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--restart-warmup", type=int, default=8)
     p.add_argument("--batch", type=int, default=10, help="windows per step, replay included")
@@ -205,8 +206,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replays", default="0,0.2", help="shares of each batch taken from the plays")
     p.add_argument("--r", type=int, default=8, help="LoRA rank; MoRA gets the same parameter count")
     p.add_argument("--lora-alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r")
-    p.add_argument("--lr-grid-peft", default="1e-3,3e-3,1e-2", help="learning rates tried for every adapter")
-    p.add_argument("--lr-grid-full", default="1e-4,3e-4,1e-3", help="learning rates tried for full fine-tuning")
+    p.add_argument("--lr-grid-peft", default="3e-3,1e-2,3e-2", help="learning rates tried for every adapter")
+    p.add_argument("--lr-grid-full", default="3e-4,1e-3,3e-3", help="learning rates tried for full fine-tuning")
+    p.add_argument("--sweep-extend", type=int, default=2,
+                   help="times a grid may grow past its end while the best rate sits there")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the adapter init and the data order")
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--old-windows", type=int, default=48, help="held-out plays windows of --seq characters")
@@ -218,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ev.RESULTS_DIR / "cpt_compare.json"))
     p.add_argument("--plot", default=None, help="PNG prefix of the plots (default: --out without .json)")
-    p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from an existing --out JSON")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw the PNGs and print the table from an existing --out JSON")
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHOD_ORDER)
     if unknown:
@@ -359,20 +363,51 @@ def _run(job: tuple[str, float, int, float]) -> dict:
             "_seconds": time.perf_counter() - t0}
 
 
-def run_all(jobs: list, args, base_state) -> list[dict]:
-    """Results of ``jobs`` in order, from ``--workers`` spawned processes (or this one for 1 worker)."""
+@contextmanager
+def runner(args, base_state):
+    """``jobs -> results`` in order, from ``--workers`` spawned processes kept for the whole run (or this
+    process for 1 worker)."""
     if args.workers == 1:
         _init_worker(args, base_state)
-        return [_run(job) for job in jobs]
+        yield lambda jobs: [_run(job) for job in jobs]
+        return
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(args, base_state)) as pool:
-        return list(pool.map(_run, jobs))
+        yield lambda jobs: list(pool.map(_run, jobs))
 
 
 def choose_lr(sweep: dict[str, dict]) -> float:
     """Best final development-phrasing character accuracy; a tie goes to the lower development loss."""
     best = max(sweep.items(), key=lambda kv: (round(kv[1]["dev_char_acc"], 6), -kv[1]["dev_loss"]))
     return float(best[0])
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 ladder (``3e-3 -> 1e-2``, ``1e-2 -> 3e-2``; down alike); other
+    values move by a factor 3."""
+    mantissa = f"{lr:.1e}"[:3]
+    factor = {"1.0": (3.0, 1 / 3.333333), "3.0": (3.333333, 1 / 3.0)}.get(mantissa, (3.0, 1 / 3.0))
+    return float(f"{lr * factor[0 if up else 1]:.2g}")
+
+
+def sweep_learning_rates(table: dict, grids: dict[str, list[float]], seed: int, run, extend: int) -> dict:
+    """Runs of every method at every grid learning rate (``seed``, no replay). While a method's best rate
+    (:func:`choose_lr`) sits at an end of what it has tried, the grid grows by one step past that end, at most
+    ``extend`` times. Returns ``{(name, lr, seed, 0.0): run}``."""
+    runs: dict = {}
+    todo = {name: list(grid) for name, grid in grids.items()}
+    for _ in range(extend + 1):
+        jobs = [(name, lr, seed, 0.0) for name, lrs in todo.items() for lr in lrs]
+        if not jobs:
+            break
+        runs.update(zip(jobs, run(jobs)))
+        todo = {}
+        for name in table:
+            tried = sorted(lr for (n, lr, _, _) in runs if n == name)
+            best = choose_lr({lr: runs[(name, lr, seed, 0.0)]["eval"][-1] for lr in tried})
+            if len(tried) > 1 and best in (tried[0], tried[-1]):
+                todo[name] = [next_lr(best, up=best == tried[-1])]
+    return runs
 
 
 def summarise(runs: list[dict], base: dict) -> dict:
@@ -395,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot_only:
         result = json.loads(out.read_text(encoding="utf-8"))
         plot(result, prefix)
+        print(markdown_table(result))
         return result
     data = Data(args)
     seconds = {}
@@ -412,25 +448,25 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     replays = _floats(args.replays)
     grids = {name: _floats(args.lr_grid_full if m.kind == "full" else args.lr_grid_peft) for name, m in table.items()}
-    t0 = time.perf_counter()
-    sweep_jobs = [(name, lr, seeds[0], 0.0) for name in table for lr in grids[name]]
-    sweep_runs = dict(zip(sweep_jobs, run_all(sweep_jobs, args, base_state)))
-    seconds["sweep"] = time.perf_counter() - t0
-    sweep, chosen = {}, {}
-    for name in table:
-        sweep[name] = {f"{lr:g}": {**sweep_runs[(name, lr, seeds[0], 0.0)]["eval"][-1],
-                                   "forgetting": sweep_runs[(name, lr, seeds[0], 0.0)]["eval"][-1]["old_loss"]
-                                   - base["old_loss"]} for lr in grids[name]}
-        chosen[name] = choose_lr(sweep[name])
-        print(f"sweep {name:7s} " + " ".join(f"lr={lr}: dev char {100 * v['dev_char_acc']:.1f}%"
-                                                for lr, v in sweep[name].items()) + f" -> {chosen[name]:g}",
-              flush=True)
-
-    t0 = time.perf_counter()
-    jobs = [(name, chosen[name], seed, share) for share in replays for name in table for seed in seeds]
-    todo = [job for job in jobs if job not in sweep_runs]
-    runs = {**sweep_runs, **dict(zip(todo, run_all(todo, args, base_state)))}
-    seconds["final"] = time.perf_counter() - t0
+    with runner(args, base_state) as run:
+        t0 = time.perf_counter()
+        sweep_runs = sweep_learning_rates(table, grids, seeds[0], run, args.sweep_extend)
+        seconds["sweep"] = time.perf_counter() - t0
+        sweep, chosen = {}, {}
+        for name in table:
+            tried = sorted(lr for (n, lr, _, _) in sweep_runs if n == name)
+            finals = {lr: sweep_runs[(name, lr, seeds[0], 0.0)]["eval"][-1] for lr in tried}
+            sweep[name] = {f"{lr:g}": {**f, "forgetting": f["old_loss"] - base["old_loss"]}
+                           for lr, f in finals.items()}
+            chosen[name] = choose_lr(finals)
+            print(f"sweep {name:7s} " + " ".join(f"lr={lr}: dev char {100 * v['dev_char_acc']:.1f}%"
+                                                    for lr, v in sweep[name].items()) + f" -> {chosen[name]:g}",
+                  flush=True)
+        t0 = time.perf_counter()
+        jobs = [(name, chosen[name], seed, share) for share in replays for name in table for seed in seeds]
+        todo = [job for job in jobs if job not in sweep_runs]
+        runs = {**sweep_runs, **dict(zip(todo, run(todo)))}
+        seconds["final"] = time.perf_counter() - t0
     result = {"config": {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
               "world": {"facts": len(data.facts), "train_chars": sum(len(d) + 2 for d in data.docs),
                         "example_document": data.docs[0],
@@ -502,9 +538,12 @@ def markdown_table(result: dict) -> str:
     for share, table in result["results"].items():
         for name, res in table.items():
             f = res["final"]
-            lines.append(f"| {share.split()[1]} | {name} | {res['lr']:g} | {res['trainable_params']:,} | "
+            grid = sorted(float(lr) for lr in result["sweep"][name])
+            edge = "*" if len(grid) > 1 and res["lr"] in (grid[0], grid[-1]) else ""
+            lines.append(f"| {share.split()[1]} | {name} | {res['lr']:g}{edge} | {res['trainable_params']:,} | "
                          f"{100 * f['test_char_acc']:.1f} | {100 * f['test_exact']:.1f} | "
                          f"{100 * f['seen_exact']:.1f} | {f['test_loss']:.3f} | {res['forgetting']:+.3f} |")
+    lines.append("lr*: the best learning rate is at an end of its grid (the optimum may lie beyond it)")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ parser, writes its JSON and PNGs, reproduces its JSON exactly when rerun with th
 the structure the README relies on (equal budgets, rank bounds of each method, restarts at the right steps)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_results_table_reads_list_and_keyed_benchmark_files(tmp_path):
 CPT_TOY = ["--hidden", "32", "--layers", "1", "--intermediate", "48", "--heads", "2", "--base-steps", "4",
            "--steps", "4", "--merge-every", "2", "--warmup", "1", "--restart-warmup", "1", "--drugs", "4",
            "--batch", "5", "--seq", "32", "--seeds", "0,1", "--lr-grid-peft", "1e-3,3e-3", "--lr-grid-full", "1e-4",
-           "--eval-every", "2", "--old-windows", "4", "--threads", "1"]
+           "--eval-every", "2", "--old-windows", "4", "--threads", "1", "--sweep-extend", "1"]
 
 
 def test_cpt_world_keeps_held_out_phrasings_out_of_training():
@@ -195,6 +196,25 @@ def test_cpt_replay_share_takes_whole_rows_from_the_old_domain():
     assert x.eq(0).all()
 
 
+def test_cpt_sweep_grows_the_grid_past_a_best_rate_at_its_end():
+    """Catches: a sweep that settles for the end of its grid (the optimum may lie beyond), one that grows on
+    the wrong side, or one that grows past --sweep-extend."""
+    assert [cpt_compare.next_lr(v, up=True) for v in (1e-3, 3e-3, 3e-2)] == [3e-3, 1e-2, 1e-1]
+    assert [cpt_compare.next_lr(v, up=False) for v in (1e-3, 3e-3)] == [3e-4, 1e-3]
+
+    def sweep(optimum, grid, extend):
+        def run(jobs):  # development accuracy peaks at ``optimum`` (log scale)
+            return [{"eval": [{"dev_char_acc": -abs(math.log(lr / optimum)), "dev_loss": 1.0}]}
+                    for _, lr, _, _ in jobs]
+        runs = cpt_compare.sweep_learning_rates({"m": None}, {"m": grid}, 0, run, extend)
+        return sorted(lr for _, lr, _, _ in runs)
+
+    assert sweep(3e-3, [1e-3, 3e-3], 2) == [1e-3, 3e-3, 1e-2]
+    assert sweep(1e-1, [1e-3, 3e-3], 2) == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert sweep(1e-5, [1e-3, 3e-3], 1) == [3e-4, 1e-3, 3e-3]
+    assert sweep(1e-3, [1e-3], 2) == [1e-3]
+
+
 def test_cpt_compare_reproduces_across_worker_counts_and_records_the_sweep(tmp_path):
     """Catches: figures that depend on the number of worker processes or on run order, a PEFT method with another
     budget, a chosen learning rate that is not the sweep's best on the development phrasing, restarts at the wrong
@@ -211,10 +231,14 @@ def test_cpt_compare_reproduces_across_worker_counts_and_records_the_sweep(tmp_p
     assert max(budgets) / min(budgets) < 1.15 and results["full"]["trainable_params"] > 2 * max(budgets)
     assert results["remora"]["restarts"] == [2] and results["mora1"]["restarts"] == []
     for name, grid in first["sweep"].items():
-        assert len(grid) == (1 if name == "full" else 2)
+        tried = sorted(float(lr) for lr in grid)
         best = max(grid.values(), key=lambda v: (v["dev_char_acc"], -v["dev_loss"]))
         assert grid[f"{first['lr'][name]:g}"] == best
         assert results[name]["lr"] == first["lr"][name]
+        if name == "full":
+            assert tried == [1e-4], "a one-point grid has no end to grow past"
+        else:  # both points of a two-point grid are ends: it grows once (--sweep-extend 1), on the best's side
+            assert tried in ([3e-4, 1e-3, 3e-3], [1e-3, 3e-3, 1e-2])
     for name, res in results.items():
         assert res["steps"] == [0, 2, 4] and len(res["per_seed_final"]) == 2
         assert res["curve"]["old_loss"][0] == pytest.approx(first["base"]["old_loss"], rel=1e-5)
