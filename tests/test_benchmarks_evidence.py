@@ -166,14 +166,15 @@ def test_cpt_world_keeps_held_out_phrasings_out_of_training():
 
 
 class _NextCharOracle(torch.nn.Module):
-    """Logits that put all mass on the true next character, ``shift`` positions off (0: always right)."""
+    """Logits that put all mass on the next character of ``truth`` (default: the input), ``shift`` positions
+    off (0: always right)."""
 
-    def __init__(self, shift: int) -> None:
+    def __init__(self, shift: int, truth: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.shift = shift
+        self.shift, self.truth = shift, truth
 
     def forward(self, input_ids):
-        target = torch.roll(input_ids, -1 - self.shift, dims=1)
+        target = torch.roll(input_ids if self.truth is None else self.truth, -1 - self.shift, dims=1)
         return type("Out", (), {"logits": torch.nn.functional.one_hot(target, 96).float()})()
 
 
@@ -181,10 +182,17 @@ def test_cpt_probe_reads_the_answer_span_only():
     """Catches: the probe scoring the wrong positions (off by one would give the oracle a low score), or exact
     match counted per character."""
     tok = cpt_compare.ev.CharTokenizer()
-    ids, spans = cpt_compare.probe_batch(cpt_compare.make_world(3, 0), cpt_compare.TEST, tok)
-    assert cpt_compare.probe_accuracy(_NextCharOracle(0), ids, spans) == {"char_acc": 1.0, "exact": 1.0}
-    shifted = cpt_compare.probe_accuracy(_NextCharOracle(1), ids, spans)
+    facts = cpt_compare.make_world(3, 0)
+    ids, spans = cpt_compare.probe_batch(facts, cpt_compare.TEST, tok)
+    relations = [f.relation for f in facts]
+    right = cpt_compare.probe_accuracy(_NextCharOracle(0), ids, spans, relations)
+    assert right == {"char_acc": 1.0, "exact": 1.0, **{f"exact_{rel}": 1.0 for rel in cpt_compare.RELATIONS}}
+    shifted = cpt_compare.probe_accuracy(_NextCharOracle(1), ids, spans, relations)
     assert shifted["exact"] == 0.0 and shifted["char_acc"] < 0.3
+    wrong = ids.clone()
+    wrong[relations.index("dose"), spans[relations.index("dose")][0]] = 0  # one dose character mispredicted
+    one_wrong = cpt_compare.probe_accuracy(_NextCharOracle(0, truth=wrong), ids, spans, relations)
+    assert one_wrong["exact_dose"] == 2 / 3 and one_wrong["exact_target"] == 1.0 and one_wrong["exact"] == 11 / 12
 
 
 def test_cpt_replay_share_takes_whole_rows_from_the_old_domain():
