@@ -23,8 +23,10 @@ thread each, so the figures do not depend on the worker count.
 
 Usage::
 
-    python benchmarks/cpt_compare.py                       # default: about 30 min on 2 quiet cores
-    python benchmarks/cpt_compare.py --device cuda --workers 1 --threads 0 --drugs 256 --steps 2000 ...
+    python benchmarks/cpt_compare.py                       # default: 25 min measured on 2 quiet cores
+    python benchmarks/cpt_compare.py --device cuda --workers 1 --threads 0 --hidden 768 --layers 12 --heads 12 \
+        --intermediate 2048 --base-steps 4000 --base-batch 64 --drugs 256 --steps 2000 --merge-every 500 \
+        --batch 40 --seq 256                                                           # closer to a real model
     python benchmarks/cpt_compare.py --base-steps 4 --steps 4 --merge-every 2 --drugs 4 --hidden 32 --layers 1 \\
         --intermediate 48 --heads 2 --batch 5 --seq 32 --seeds 0,1 --lr-grid-peft 1e-3,3e-3 \\
         --lr-grid-full 1e-4 --out /tmp/c.json                                                          # toy (CI)
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evidence_common as ev  # noqa: E402
 
 METHOD_ORDER = ["full", "lora", "mora1", "mora6", "relora", "remora"]
+COLORS = {**ev.METHOD_COLORS, "mora6": "tab:green"}  # the shared palette gives ReMoRA and type 6 one colour
 RELATIONS = ("target", "dose", "indication", "interaction")
 # Per relation: four training phrasings, then the development one, then the test one. The drug always comes
 # before the answer, so every phrasing asks the same direction of the fact (drug -> value).
@@ -273,13 +276,14 @@ class Data:
         plays_train, plays_held = ev.split_corpus(self.tok.encode(ev.load_corpus()))
         self.plays_train = plays_train
         starts = torch.linspace(0, len(plays_held) - args.seq - 2, args.old_windows).long().tolist()
-        self.old_windows = torch.stack([plays_held[s: s + args.seq + 1] for s in starts])
+        self.old_windows = torch.stack([plays_held[s: s + args.seq + 1] for s in starts]).to(args.device)
         self.docs = training_documents(self.facts)
-        self.probes = {name: probe_batch(self.facts, phrasing, self.tok)
-                       for name, phrasing in (("test", TEST), ("dev", DEV), ("seen", 0))}
-        self.held_out = {"test": self.tok.encode(held_out_text(self.facts, TEST)),
-                         "dev": self.tok.encode(held_out_text(self.facts, DEV))}
-
+        self.probes = {}
+        for name, phrasing in (("test", TEST), ("dev", DEV), ("seen", 0)):
+            ids, spans = probe_batch(self.facts, phrasing, self.tok)
+            self.probes[name] = ids.to(args.device), spans
+        self.held_out = {name: self.tok.encode(held_out_text(self.facts, phrasing)).to(args.device)
+                         for name, phrasing in (("test", TEST), ("dev", DEV))}
 
 @torch.no_grad()
 def old_loss(model, data: Data, batch: int) -> float:
@@ -306,18 +310,18 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
 def pretrain_base(args, data: Data) -> dict[str, torch.Tensor]:
     """Full-rank pretraining on the plays (seed 0): the base every run continues from."""
     ev.setup_determinism(0, args.threads)
-    model = ev.build_model(ev.model_size(args, args.seq), data.tok.vocab_size, 0)
+    model = ev.build_model(ev.model_size(args, args.seq), data.tok.vocab_size, 0, args.device)
     gen = torch.Generator().manual_seed(1)
 
     def batch_fn(step):
         starts = torch.randint(0, len(data.plays_train) - args.seq - 1, (args.base_batch,), generator=gen)
-        x = torch.stack([data.plays_train[s: s + args.seq] for s in starts.tolist()])
+        x = torch.stack([data.plays_train[s: s + args.seq] for s in starts.tolist()]).to(args.device)
         return x, x
 
     steps = args.base_steps
     ev.train(model, ev.Method("full", "full", lr=2e-3), steps=steps, warmup=max(1, steps // 10), restart_warmup=0,
              batch_fn=batch_fn, eval_fn=lambda m: {}, eval_every=steps + 1)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def make_batch_fn(new_ids: torch.Tensor, old_ids: torch.Tensor, *, batch: int, seq: int, replay: float, seed: int,
@@ -442,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_state = pretrain_base(args, data)
     seconds["base"] = time.perf_counter() - t0
     _init_worker(args, base_state)
-    base_model = ev.build_model(ev.model_size(args, args.seq), data.tok.vocab_size, 0)
+    base_model = ev.build_model(ev.model_size(args, args.seq), data.tok.vocab_size, 0, args.device)
     base_model.load_state_dict(base_state)
     base = evaluate(base_model, data, args)
     print(f"base: old-domain loss {base['old_loss']:.3f}, new-domain loss {base['test_loss']:.3f} "
@@ -508,7 +512,7 @@ def plot(result: dict, prefix: Path) -> None:
     for ax, share in zip(axes[0], shares):
         for name, res in result["results"][share].items():
             ax.plot(res["steps"], [100 * a for a in res["curve"]["test_char_acc"]], label=name,
-                    color=ev.METHOD_COLORS.get(name), lw=1.2)
+                    color=COLORS[name], lw=1.2)
         ax.set(xlabel="step", title=f"held-out phrasing, {share}")
     axes[0][0].set_ylabel("answer character accuracy % (mean of seeds)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -525,7 +529,7 @@ def plot(result: dict, prefix: Path) -> None:
             f_lo, f_hi = min(res["forgetting_per_seed"]), max(res["forgetting_per_seed"])
             x, y = res["forgetting"], 100 * res["final"]["test_char_acc"]
             ax.errorbar([x], [y], xerr=[[x - f_lo], [f_hi - x]], yerr=[[y - 100 * lo], [100 * hi - y]], fmt=marker,
-                        color=ev.METHOD_COLORS.get(name), ms=5, lw=0.8,
+                        color=COLORS[name], ms=5, lw=0.8,
                         label=f"{name}, {share}")
     ax.set(xlabel="forgetting: old-domain loss - base (nats/char)",
            ylabel="held-out phrasing char accuracy %", title="knowledge vs forgetting (final)")
