@@ -12,6 +12,9 @@ Measured per method, replay share and seed, at every evaluation:
 - knowledge probe: the test phrasing's prefix up to the fact, teacher-forced over the answer span: character
   accuracy, and exact match (every character right, which is what greedy decoding would produce). The same probe
   on a training phrasing (``seen``) tells stored-but-not-transferred knowledge apart from none;
+- choice: whether the true answer is the most likely of every answer its relation could have (all target codes,
+  the dose and indication pools, all other drugs), scored over the answer and the rest of the sentence, in the
+  test and a training phrasing. It asks what the model knows, not whether it would volunteer the answer there;
 - new-domain held-out loss: per character, over documents written in the test phrasings;
 - old-domain loss: per character on held-out plays; forgetting is its change from the base.
 
@@ -42,7 +45,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -181,6 +184,53 @@ def probe_accuracy(model, ids: torch.Tensor, spans, relations: list[str]) -> dic
             **{f"exact_{rel}": sum(h) / len(h) for rel, h in exact.items()}}
 
 
+def candidates(facts: list[Fact]) -> dict[str, list[str]]:
+    """Per relation, every answer the world can give: all target codes, the dose and indication pools, all
+    drugs (a drug is never a candidate for its own interaction)."""
+    return {"target": sorted({f.answer for f in facts if f.relation == "target"}), "dose": list(DOSES),
+            "indication": list(DISEASES), "interaction": list(dict.fromkeys(f.drug for f in facts))}
+
+
+def choice_batch(facts: list[Fact], phrasing: int, tok: ev.CharTokenizer):
+    """Every fact's sentence in ``phrasing``, completed with each candidate answer of its relation: right-padded
+    ids ``(rows, L)``, and per row ``(fact index, first scored position, end, is the true answer)``. The scored
+    span is the answer and the rest of the sentence, the same words for every candidate, so a short candidate
+    pays for a wrong ending ("5 mg" where "50 mg" is believed)."""
+    pool, rows = candidates(facts), []
+    for index, fact in enumerate(facts):
+        start = len(fact.probe(phrasing)[0])
+        for answer in pool[fact.relation]:
+            if answer != fact.drug:
+                text = TEMPLATES[fact.relation][phrasing].format(d=fact.drug, a=answer)
+                rows.append((index, text, start, answer == fact.answer))
+    ids = torch.zeros(len(rows), max(len(text) for _, text, _, _ in rows), dtype=torch.long)
+    for row, (_, text, _, _) in enumerate(rows):
+        ids[row, : len(text)] = tok.encode(text)
+    return ids, [(index, start, len(text), right) for index, text, start, right in rows]
+
+
+@torch.no_grad()
+def choice_accuracy(model, ids: torch.Tensor, rows, relations: list[str], chunk: int = 256) -> dict[str, float]:
+    """Share of facts whose true answer has the highest log-likelihood among the candidates
+    (:func:`choice_batch`), overall and per relation (``choice_<relation>``; chance is one over the pool)."""
+    scores = []
+    for first in range(0, len(ids), chunk):
+        part = ids[first: first + chunk]
+        logp = torch.log_softmax(model(input_ids=part).logits[:, :-1].float(), -1)
+        token_logp = logp.gather(-1, part[:, 1:, None])[..., 0]
+        for row, (_, start, end, _) in enumerate(rows[first: first + chunk]):
+            scores.append(float(token_logp[row, start - 1: end - 1].sum()))
+    best: dict[int, tuple[float, bool]] = {}
+    for score, (index, _, _, right) in zip(scores, rows):
+        if index not in best or score > best[index][0]:
+            best[index] = (score, right)
+    hits = {rel: [] for rel in dict.fromkeys(relations)}
+    for index, (_, right) in sorted(best.items()):
+        hits[relations[index]].append(right)
+    every = [hit for rel_hits in hits.values() for hit in rel_hits]
+    return {"choice": sum(every) / len(every), **{f"choice_{rel}": sum(h) / len(h) for rel, h in hits.items()}}
+
+
 @torch.no_grad()
 def text_loss(model, ids: torch.Tensor, seq: int) -> float:
     """Per-character loss of ``ids`` cut into consecutive windows of ``seq + 1`` (the tail shorter)."""
@@ -282,6 +332,10 @@ class Data:
         for name, phrasing in (("test", TEST), ("dev", DEV), ("seen", 0)):
             ids, spans = probe_batch(self.facts, phrasing, self.tok)
             self.probes[name] = ids.to(args.device), spans
+        self.choices = {}
+        for name, phrasing in (("test", TEST), ("seen", 0)):
+            ids, rows = choice_batch(self.facts, phrasing, self.tok)
+            self.choices[name] = ids.to(args.device), rows
         self.held_out = {name: self.tok.encode(held_out_text(self.facts, phrasing)).to(args.device)
                          for name, phrasing in (("test", TEST), ("dev", DEV))}
 
@@ -300,8 +354,12 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
     metrics = {"old_loss": old_loss(model, data, args.batch)}
     for split in ("test", "dev"):
         metrics[f"{split}_loss"] = text_loss(model, data.held_out[split], args.seq)
+    relations = [f.relation for f in data.facts]
     for split, (ids, spans) in data.probes.items():
-        for key, value in probe_accuracy(model, ids, spans, [f.relation for f in data.facts]).items():
+        for key, value in probe_accuracy(model, ids, spans, relations).items():
+            metrics[f"{split}_{key}"] = value
+    for split, (ids, rows) in data.choices.items():
+        for key, value in choice_accuracy(model, ids, rows, relations).items():
             metrics[f"{split}_{key}"] = value
     model.train(was_training)
     return metrics
@@ -353,7 +411,7 @@ def _run(job: tuple[str, float, int, float]) -> dict:
     """One continual-pretraining run ``(method, lr, seed, replay share)`` in this worker, one thread."""
     name, lr, seed, replay = job
     args, data = _WORKER["args"], _WORKER["data"]
-    method = ev.Method(**{**methods(args)[name].__dict__, "lr": lr})
+    method = replace(methods(args)[name], lr=lr)
     ev.setup_determinism(seed, 1 if args.device == "cpu" else 0)
     model = ev.build_model(ev.model_size(args, args.seq), data.tok.vocab_size, 0, args.device)
     model.load_state_dict(_WORKER["base"])
@@ -539,21 +597,26 @@ def plot(result: dict, prefix: Path) -> None:
 
 
 def markdown_table(result: dict) -> str:
+    chance = {rel: 1 / len(pool) for rel, pool in candidates(make_world(result["config"]["drugs"],
+                                                                          result["config"]["world_seed"])).items()}
+    chance["interaction"] = 1 / (result["config"]["drugs"] - 1)
     lines = [f"base: old-domain loss {result['base']['old_loss']:.3f}, test-phrasing char acc "
-             f"{100 * result['base']['test_char_acc']:.1f} %",
+             f"{100 * result['base']['test_char_acc']:.1f} %, choice {100 * result['base']['test_choice']:.1f} %; "
+             "choice by chance: " + " / ".join(f"{100 * chance[rel]:.0f}" for rel in RELATIONS),
              "| replay | method | lr | trainable | probe char % | probe exact % "
-             "| exact % target / dose / indication / interaction | seen-phrasing exact % | new-domain loss "
+             "| choice % target / dose / indication / interaction | seen exact % | seen choice % | new-domain loss "
              "| forgetting |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for share, table in result["results"].items():
         for name, res in table.items():
             f = res["final"]
             grid = sorted(float(lr) for lr in result["sweep"][name])
             edge = "*" if len(grid) > 1 and res["lr"] in (grid[0], grid[-1]) else ""
-            by_relation = " / ".join(f"{100 * f[f'test_exact_{rel}']:.0f}" for rel in RELATIONS)
+            by_relation = " / ".join(f"{100 * f[f'test_choice_{rel}']:.0f}" for rel in RELATIONS)
             lines.append(f"| {share.split()[1]} | {name} | {res['lr']:g}{edge} | {res['trainable_params']:,} | "
                          f"{100 * f['test_char_acc']:.1f} | {100 * f['test_exact']:.1f} | {by_relation} | "
-                         f"{100 * f['seen_exact']:.1f} | {f['test_loss']:.3f} | {res['forgetting']:+.3f} |")
+                         f"{100 * f['seen_exact']:.1f} | {100 * f['seen_choice']:.1f} | {f['test_loss']:.3f} | "
+                         f"{res['forgetting']:+.3f} |")
     lines.append("lr*: the best learning rate is at an end of its grid (the optimum may lie beyond it)")
     return "\n".join(lines)
 

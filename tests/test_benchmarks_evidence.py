@@ -195,6 +195,38 @@ def test_cpt_probe_reads_the_answer_span_only():
     assert one_wrong["exact_dose"] == 2 / 3 and one_wrong["exact_target"] == 1.0 and one_wrong["exact"] == 11 / 12
 
 
+class _SentenceOracle(torch.nn.Module):
+    """Certain of the next character in rows whose text ``believe`` accepts, uniform elsewhere."""
+
+    def __init__(self, believe) -> None:
+        super().__init__()
+        self.believe, self.tok = believe, cpt_compare.ev.CharTokenizer()
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, 96)
+        for row, ids in enumerate(input_ids):
+            if self.believe(self.tok.decode(ids)):
+                logits[row] = 20 * torch.nn.functional.one_hot(torch.roll(ids, -1), 96).float()
+        return type("Out", (), {"logits": logits})()
+
+
+def test_cpt_choice_probe_ranks_every_candidate_of_the_relation():
+    """Catches: a candidate pool that misses the true answer or offers the drug as its own interaction, scores
+    taken outside the answer and the rest of the sentence, or facts counted under the wrong relation."""
+    tok = cpt_compare.ev.CharTokenizer()
+    facts = cpt_compare.make_world(4, 0)
+    relations = [f.relation for f in facts]
+    ids, rows = cpt_compare.choice_batch(facts, cpt_compare.TEST, tok)
+    assert len(rows) == 4 * (4 + 8 + 8 + 3) and sum(right for *_, right in rows) == len(facts)
+    truth = {f.sentence(cpt_compare.TEST) for f in facts}
+    knows = cpt_compare.choice_accuracy(_SentenceOracle(lambda text: text.rstrip("\n") in truth), ids, rows,
+                                        relations, chunk=7)
+    assert knows == {"choice": 1.0, **{f"choice_{rel}": 1.0 for rel in cpt_compare.RELATIONS}}
+    five = cpt_compare.choice_accuracy(_SentenceOracle(lambda text: " 5 mg" in text), ids, rows, relations)
+    doses = [f.answer for f in facts if f.relation == "dose"]
+    assert five["choice_dose"] == doses.count("5") / 4
+
+
 def test_cpt_replay_share_takes_whole_rows_from_the_old_domain():
     """Catches: replay that draws from the new domain only (or the other way round)."""
     new, old = torch.zeros(500, dtype=torch.long), torch.ones(500, dtype=torch.long)
