@@ -354,13 +354,21 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
     metrics = {"old_loss": old_loss(model, data, args.batch)}
     for split in ("test", "dev"):
         metrics[f"{split}_loss"] = text_loss(model, data.held_out[split], args.seq)
-    relations = [f.relation for f in data.facts]
     for split, (ids, spans) in data.probes.items():
-        for key, value in probe_accuracy(model, ids, spans, relations).items():
+        for key, value in probe_accuracy(model, ids, spans, [f.relation for f in data.facts]).items():
             metrics[f"{split}_{key}"] = value
-    for split, (ids, rows) in data.choices.items():
-        for key, value in choice_accuracy(model, ids, rows, relations).items():
-            metrics[f"{split}_{key}"] = value
+    model.train(was_training)
+    return metrics
+
+
+def evaluate_choices(model, data: Data) -> dict[str, float]:
+    """The choice probe in the test and a training phrasing (once, at the end of a run: it ranks some 750
+    sentences per phrasing, as costly as 20 training steps)."""
+    was_training = model.training
+    model.eval()
+    relations = [f.relation for f in data.facts]
+    metrics = {f"{split}_{key}": value for split, (ids, rows) in data.choices.items()
+               for key, value in choice_accuracy(model, ids, rows, relations).items()}
     model.train(was_training)
     return metrics
 
@@ -423,6 +431,7 @@ def _run(job: tuple[str, float, int, float]) -> dict:
     t0 = time.perf_counter()
     history = ev.train(model, method, steps=args.steps, warmup=args.warmup, restart_warmup=args.restart_warmup,
                        batch_fn=batch_fn, eval_fn=lambda m: evaluate(m, data, args), eval_every=args.eval_every)
+    history["eval"][-1].update(evaluate_choices(model, data))
     return {"trainable_params": trainable, "adapter_params": ev.adapter_parameter_count(model),
             "r_hat": ev.mora_r_hats(model) if method.kind == "mora" else {},
             "eval": history["eval"], "restarts": [r["step"] for r in history["restarts"]],
@@ -477,14 +486,16 @@ def sweep_learning_rates(table: dict, grids: dict[str, list[float]], seed: int, 
 
 
 def summarise(runs: list[dict], base: dict) -> dict:
-    """Means and per-seed finals over seeds; forgetting = final old-domain loss - the base's."""
+    """Means over seeds of every evaluation (``curve``) and of the final one (which adds the choice probe),
+    the seed range of each final figure; forgetting = final old-domain loss - the base's."""
     steps = [e["step"] for e in runs[0]["eval"]]
     keys = [k for k in runs[0]["eval"][0] if k != "step"]
     curve = {k: [sum(r["eval"][i][k] for r in runs) / len(runs) for i in range(len(steps))] for k in keys}
     finals = [r["eval"][-1] for r in runs]
+    final_keys = [k for k in finals[0] if k != "step"]
     forgetting = [f["old_loss"] - base["old_loss"] for f in finals]
-    spread = {k: [min(f[k] for f in finals), max(f[k] for f in finals)] for k in keys}
-    return {"steps": steps, "curve": curve, "final": {k: v[-1] for k, v in curve.items()},
+    spread = {k: [min(f[k] for f in finals), max(f[k] for f in finals)] for k in final_keys}
+    return {"steps": steps, "curve": curve, "final": {k: sum(f[k] for f in finals) / len(finals) for k in final_keys},
             "forgetting": sum(forgetting) / len(forgetting), "forgetting_per_seed": forgetting,
             "range": spread, "per_seed_final": finals}
 
@@ -506,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
     _init_worker(args, base_state)
     base_model = ev.build_model(ev.model_size(args, args.seq), data.tok.vocab_size, 0, args.device)
     base_model.load_state_dict(base_state)
-    base = evaluate(base_model, data, args)
+    base = {**evaluate(base_model, data, args), **evaluate_choices(base_model, data)}
     print(f"base: old-domain loss {base['old_loss']:.3f}, new-domain loss {base['test_loss']:.3f} "
           f"({seconds['base']:.0f}s)", flush=True)
 

@@ -281,6 +281,7 @@ def test_cpt_compare_reproduces_across_worker_counts_and_records_the_sweep(tmp_p
             assert tried in ([3e-4, 1e-3, 3e-3], [1e-3, 3e-3, 1e-2])
     for name, res in results.items():
         assert res["steps"] == [0, 2, 4] and len(res["per_seed_final"]) == 2
+        assert 0 <= res["final"]["test_choice"] <= 1 and "seen_choice_dose" in res["range"], "choice probe at the end"
         assert res["curve"]["old_loss"][0] == pytest.approx(first["base"]["old_loss"], rel=1e-5)
         mean_final = sum(f["old_loss"] for f in res["per_seed_final"]) / 2
         assert res["forgetting"] == pytest.approx(mean_final - first["base"]["old_loss"], abs=1e-5)
