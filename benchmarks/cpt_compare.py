@@ -26,7 +26,7 @@ thread each, so the figures do not depend on the worker count.
 
 Usage::
 
-    python benchmarks/cpt_compare.py                       # default: 25 min measured on 2 quiet cores
+    python benchmarks/cpt_compare.py                       # default: 24-29 min measured on 2 cores
     python benchmarks/cpt_compare.py --device cuda --workers 1 --threads 0 --hidden 768 --layers 12 --heads 12 \
         --intermediate 2048 --base-steps 4000 --base-batch 64 --drugs 256 --steps 2000 --merge-every 500 \
         --batch 40 --seq 256                                                           # closer to a real model
