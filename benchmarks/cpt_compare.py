@@ -281,14 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the PNGs and print the table from an existing --out JSON")
     args = p.parse_args(argv)
-    unknown = set(args.methods.split(",")) - set(METHOD_ORDER)
-    if unknown:
-        p.error(f"--methods has unknown {sorted(unknown)}; choose from {METHOD_ORDER}")
-    if args.steps % args.merge_every:
-        p.error(f"--steps={args.steps} must be a multiple of --merge-every={args.merge_every}")
-    if not args.restart_warmup < args.merge_every or args.warmup > args.merge_every:
-        p.error(f"need --restart-warmup ({args.restart_warmup}) < --merge-every ({args.merge_every}) and "
-                f"--warmup ({args.warmup}) <= --merge-every")
+    ev.check_schedule_args(p, args, METHOD_ORDER)
     for share in _floats(args.replays):
         if not 0 <= share < 1 or abs(share * args.batch - round(share * args.batch)) > 1e-9:
             p.error(f"--replays has {share}: each share must be in [0, 1) and a whole number of the "

@@ -319,3 +319,17 @@ def mean_rank_of_updates(model: nn.Module, initial: dict[str, torch.Tensor]) -> 
     stats = [spectrum_stats(w - initial[name]) for name, w in linear_weights(model).items()]
     return {"mean_rank": sum(s["rank"] for s in stats) / len(stats),
             "mean_effective_rank": sum(s["effective_rank"] for s in stats) / len(stats)}
+
+
+def check_schedule_args(parser, args, method_order: list[str]) -> None:
+    """Refuse, through ``parser.error``, unknown ``--methods`` and a restart schedule the jagged cosine cannot
+    run: ``--steps`` a multiple of ``--merge-every``, ``--restart-warmup < --merge-every``,
+    ``--warmup <= --merge-every``."""
+    unknown = set(args.methods.split(",")) - set(method_order)
+    if unknown:
+        parser.error(f"--methods has unknown {sorted(unknown)}; choose from {method_order}")
+    if args.steps % args.merge_every:
+        parser.error(f"--steps={args.steps} must be a multiple of --merge-every={args.merge_every}")
+    if not args.restart_warmup < args.merge_every or args.warmup > args.merge_every:
+        parser.error(f"need --restart-warmup ({args.restart_warmup}) < --merge-every ({args.merge_every}) and "
+                     f"--warmup ({args.warmup}) <= --merge-every")

@@ -65,14 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="PNG of the curves (default: --out with .png)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = p.parse_args(argv)
-    unknown = set(args.methods.split(",")) - set(METHOD_ORDER)
-    if unknown:
-        p.error(f"--methods has unknown {sorted(unknown)}; choose from {METHOD_ORDER}")
-    if args.steps % args.merge_every:
-        p.error(f"--steps={args.steps} must be a multiple of --merge-every={args.merge_every}")
-    if not args.restart_warmup < args.merge_every or not args.warmup <= args.merge_every < args.steps + 1:
-        p.error(f"need --restart-warmup ({args.restart_warmup}) < --merge-every ({args.merge_every}) and "
-                f"--warmup ({args.warmup}) <= --merge-every")
+    ev.check_schedule_args(p, args, METHOD_ORDER)
     return args
 
 
