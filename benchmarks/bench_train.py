@@ -65,20 +65,20 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("BENCH_PORT", "29533"))
     from mora_dist.model import count_parameters
-    from mora_dist.run import build
+    from mora_dist.run import build, deepspeed_engine, distributed, hf
     from mora_dist.run.config import validate_run_config
 
     cfg = validate_run_config(run_config(method, args))
-    build.init_distributed(cpu_threads=args.threads)
+    distributed.init_distributed(cpu_threads=args.threads)
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    model = build.build_hf_model(cfg, args.vocab, 0)
+    model = hf.build_hf_model(cfg, args.vocab, 0)
     trainable, total = count_parameters(model)
-    engine = build.build_engine(cfg, model, 1)
+    engine = deepspeed_engine.build_engine(cfg, model, 1)
     callbacks = build.build_callbacks(cfg)
     callbacks.on_train_begin(engine)
-    device = build.device()
+    device = distributed.device()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in range(4)]
     if device.type == "cuda":

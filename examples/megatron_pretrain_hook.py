@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mora_dist import MoRAConfig  # + mora
-from mora_dist.megatron import MegatronReMoRA, mora_model_provider  # + mora
+from mora_dist.integrations.megatron_lm import MegatronReMoRA, mora_model_provider  # + mora
 from mora_dist.training import ReMoRACallback  # + mora
 
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES, STEPS = 128, 16, 2, 2, 12

@@ -96,14 +96,15 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
            since_start: bool = False, state_dict: str | None = None) -> Path:
     """Write the export of ``run_dir`` to ``out``; returns ``out``."""
     from mora_dist.data import load_tokenizer
-    from mora_dist.run.checkpoint import load_hf_run_model, read_run_config
+    from mora_dist.run.checkpoint import read_run_config
+    from mora_dist.run.hf import load_hf_run_model
 
     cfg = read_run_config(run_dir)
     out_path = Path(out)
     _check_format(cfg, run_dir, adapter_only, fmt, since_start)
     cycles = _kept_cycles(run_dir, tag, cfg) if since_start else None
     if cfg.model.backend == "megatron" and fmt == "peft-lora" and state_dict is None:
-        from mora_dist.run.megatron import export_megatron_peft_lora
+        from mora_dist.run.megatron.export import export_megatron_peft_lora
 
         export_megatron_peft_lora(run_dir, out_path, tag=tag, cycles=cycles)
         model = None  # written: the tokenizer follows
@@ -111,7 +112,7 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
         if state_dict is not None:
             raise MoRAConfigError(f"--state-dict reads zero_to_fp32.py output of a Hugging Face backend run; run "
                                   f"{run_dir!r} is backend 'megatron': export it without --state-dict")
-        from mora_dist.run.megatron import export_megatron_run
+        from mora_dist.run.megatron.export import export_megatron_run
 
         model = export_megatron_run(run_dir, tag=tag, adapter_only=adapter_only)
     else:
@@ -122,12 +123,12 @@ def export(run_dir: str, out: str, *, tag: str | None = None, adapter_only: bool
     if model is None:
         pass
     elif adapter_only and fmt == "peft-lora":
-        from mora_dist.export_formats import save_peft_lora
+        from mora_dist.adapters.peft_lora import save_peft_lora
 
         modules_to_save = cfg.mora.modules_to_save if cfg.mora is not None else cfg.lora.modules_to_save
         save_peft_lora(model, out_path, cycles=cycles, modules_to_save=modules_to_save)
     elif adapter_only:
-        from mora_dist.adapter_io import save_mora
+        from mora_dist.adapters import save_mora
 
         if cfg.remora is not None:
             logger.warning("--adapter-only on a ReMoRA run: earlier merges live in the base weights of this run's "

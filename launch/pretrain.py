@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from mora_dist.run import build
+    from mora_dist.run.distributed import init_distributed
     from mora_dist.run.failures import PeerFailed
 
     out = Path(cfg.training.output_dir)
     created = not out.exists()
-    single = build.init_distributed(cpu_threads=cfg.training.cpu_threads)
+    single = init_distributed(cpu_threads=cfg.training.cpu_threads)
     rank = dist.get_rank()
     setup_logging(cfg, rank)
     if single:

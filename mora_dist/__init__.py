@@ -3,12 +3,22 @@
 Spec: ``docs/spec.md`` (docstrings cite its sections as ``Spec: §N``).
 """
 
-from mora_dist.adapter_io import load_mora, save_mora
+import importlib
+
+from mora_dist.adapters import load_mora, save_mora
 from mora_dist.config import MoRAConfig
 from mora_dist.errors import AdapterLoadError, MoRAConfigError, MoRAError, NoMatchingModuleError, ShardingError
 from mora_dist.layer import MoRALinear
-from mora_dist.merge import merge_mora
-from mora_dist.model import apply_mora, count_parameters, mora_layers, set_mora_type, trainable_summary, unload
+from mora_dist.model import (
+    apply_mora,
+    count_parameters,
+    current_mora_type,
+    merge_mora,
+    mora_layers,
+    set_mora_type,
+    trainable_summary,
+    unload,
+)
 from mora_dist.operators import MoRAOperator, compute_r_hat
 
 __all__ = [
@@ -23,6 +33,7 @@ __all__ = [
     "apply_mora",
     "compute_r_hat",
     "count_parameters",
+    "current_mora_type",
     "load_mora",
     "merge_mora",
     "mora_layers",
@@ -36,13 +47,13 @@ __all__ = [
 _LAZY = {
     "MoRAColumnParallelLinear": "mora_dist.parallel.layers",
     "MoRARowParallelLinear": "mora_dist.parallel.layers",
-    "MoRATEColumnParallelLinear": "mora_dist.parallel.te_layers",
-    "MoRATERowParallelLinear": "mora_dist.parallel.te_layers",
-    "MoRATEDuplicatedLinear": "mora_dist.parallel.te_layers",
-    "MoRATELayerNormColumnParallelLinear": "mora_dist.parallel.te_layers",
+    "MoRATEColumnParallelLinear": "mora_dist.parallel.te",
+    "MoRATERowParallelLinear": "mora_dist.parallel.te",
+    "MoRATEDuplicatedLinear": "mora_dist.parallel.te",
+    "MoRATELayerNormColumnParallelLinear": "mora_dist.parallel.te",
     "finalize_model_grads": "mora_dist.parallel.mappings",
-    "mora_model_provider": "mora_dist.megatron",
-    "MegatronReMoRA": "mora_dist.megatron",
+    "mora_model_provider": "mora_dist.integrations.megatron_lm",
+    "MegatronReMoRA": "mora_dist.integrations.megatron_lm",
     "ReMoRACallback": "mora_dist.training.remora",
     "ReLoRACallback": "mora_dist.training.remora",
     "Callback": "mora_dist.training.callbacks",
@@ -52,7 +63,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mora_dist' has no attribute {name!r}")

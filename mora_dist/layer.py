@@ -10,7 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from mora_dist.config import resolve_dtype, resolve_mora_type
+from mora_dist.config import MoRAConfig, resolve_dtype, resolve_mora_type
 from mora_dist.merge import RESIDUAL, FoldNorms, fold_layer, match_residual_to_state, new_residual
 from mora_dist.operators import MoRAOperator, check_r_hat, compute_r_hat
 
@@ -144,6 +144,21 @@ class MoRALinear(MoRALayerMixin, nn.Module):
         self.mora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._init_merge_compensation(merge_compensation)
         self.train(base_layer.training)  # a wrapper made for an eval-mode model must not start dropping out
+
+    # ---- the dispatch interface (:mod:`mora_dist.dispatch`) ----
+    @staticmethod
+    def global_features(base_layer: nn.Linear) -> tuple[int, int]:
+        """``(k, d)`` of the base weight."""
+        return base_layer.in_features, base_layer.out_features
+
+    @classmethod
+    def check(cls, base_layer: nn.Linear, name: str, config: MoRAConfig, r_hat: int) -> None:
+        """Nothing beyond ``r_hat`` (checked by the planner) can fail for a plain linear layer."""
+
+    @classmethod
+    def from_base(cls, base_layer: nn.Linear, name: str, config: MoRAConfig, r_hat: int) -> MoRALinear:
+        return cls(base_layer, mora_type=config.mora_type, r_hat=r_hat, dropout=config.dropout,
+                   mora_dtype=config.torch_dtype, merge_compensation=config.merge_compensation)
 
     def _make_operator(self, mora_type: int, r_hat: int | None = None) -> MoRAOperator:
         r_hat = self.operator.r_hat if r_hat is None else r_hat

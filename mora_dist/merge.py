@@ -1,7 +1,7 @@
 """The one merge path. :func:`fold_delta` is the only code that adds an update into a frozen base weight (every
-layer's ``merge``, ReMoRA/ReLoRA, export and ``unload`` reach it through the layers); :func:`merge_mora` merges
-a whole model. Local to each rank (a tensor-parallel rank merges its own shard). Optimizer copies of the adapter
-(ZeRO masters, moments) are the business of :mod:`mora_dist.training.zero_state`.
+layer's ``merge``, ReMoRA/ReLoRA, export, ``merge_mora`` and ``unload`` reach it through the layers). Local to each
+rank (a tensor-parallel rank merges its own shard). Optimizer copies of the adapter (ZeRO masters, moments) are the
+business of :mod:`mora_dist.training.optimizer_state`.
 
 Merges into a bf16/fp16 base are compensated: each layer keeps what the base dtype rounded away in the buffer
 ``mora_base_residual`` and adds it to the next merge, so repeated merges accumulate as fp32 would (chosen over an
@@ -103,15 +103,3 @@ def match_residual_to_state(module: nn.Module, state_dict: dict, prefix: str, *a
     elif current is None or current.shape != value.shape or current.dtype != value.dtype:
         device = module._base_weight_shard().device
         setattr(module, RESIDUAL, torch.zeros(value.shape, dtype=value.dtype, device=device))
-
-
-@torch.no_grad()
-def merge_mora(model: nn.Module, reinit: bool = True) -> int:
-    """Fold every layer's ``dW`` into its frozen base weight; zero ``M`` if ``reinit``. Returns the layer count."""
-    from mora_dist.model import mora_layers  # model imports layer, which merges through this module
-
-    count = 0
-    for _, layer in mora_layers(model):
-        layer.merge(reinit=reinit)
-        count += 1
-    return count

@@ -1,11 +1,8 @@
-"""Inject MoRA into a model: plan, validate the whole plan, then wrap. Also ``unload`` and a trainable summary.
-
-Dispatchers are tried in order; the first that accepts a module wraps it (``nn.Linear`` here, megatron-core
-column/row-parallel layers in :mod:`mora_dist.parallel.layers`, Transformer Engine layers in
-:mod:`mora_dist.parallel.te_layers`; both imported only when such a layer is present).
+"""MoRA on a whole model: ``apply_mora`` (plan, validate the whole plan, then wrap), ``merge_mora``, ``unload``,
+the current type, and a trainable summary. Which wrapper adapts which module is :mod:`mora_dist.dispatch`'s table.
 
 A model is a module or a list of model chunks (megatron virtual pipeline); module names are global across
-pipeline stages (:mod:`mora_dist.parallel.pipeline`), and a target or module to save is valid when it exists
+pipeline stages (:mod:`mora_dist.parallel.chunks`), and a target or module to save is valid when it exists
 on some stage.
 """
 
@@ -19,35 +16,22 @@ import torch
 from torch import nn
 
 from mora_dist.config import MoRAConfig
+from mora_dist.dispatch import is_candidate, wrapper_class
 from mora_dist.errors import MoRAConfigError
-from mora_dist.layer import MoRALayerMixin, MoRALinear
+from mora_dist.layer import MoRALayerMixin
 from mora_dist.operators import check_r_hat, compute_r_hat
-from mora_dist.parallel import pipeline
+from mora_dist.parallel.chunks import (
+    check_supported,
+    model_chunks,
+    named_modules,
+    pipeline_group,
+    sum_over,
+    tensor_group,
+    unmatched_everywhere,
+)
 from mora_dist.targeting import plan_modules_to_save, plan_targets
 
 logger = logging.getLogger(__name__)
-
-
-def _is_megatron_linear(module: nn.Module) -> bool:
-    return (
-        type(module).__module__.startswith(("megatron.core", "transformer_engine"))
-        and hasattr(module, "input_size")
-        and hasattr(module, "output_size")
-    )
-
-
-def _is_te_linear(module: nn.Module) -> bool:
-    """Transformer Engine's public interface (``te.pytorch.Linear``, ``LayerNormLinear``, ``GroupedLinear`` and
-    megatron's wrappers of them): per-partition ``in_features``/``out_features``, ``parallel_mode``, ``tp_size``."""
-    return not isinstance(module, nn.Linear) and all(
-        hasattr(module, a) for a in ("in_features", "out_features", "parallel_mode", "tp_size")
-    )
-
-
-def _is_candidate(module: nn.Module) -> bool:
-    if isinstance(module, MoRALayerMixin):
-        return False
-    return isinstance(module, nn.Linear) or _is_megatron_linear(module) or _is_te_linear(module)
 
 
 def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: str) -> int:
@@ -62,25 +46,6 @@ def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: s
     except MoRAConfigError as exc:
         raise MoRAConfigError(f"{exc} (from r={config.r}, r_hat={config.r_hat})") from exc
     return r_hat
-
-
-def _wrap(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> nn.Module:
-    if isinstance(module, nn.Linear):
-        return MoRALinear(
-            module, mora_type=config.mora_type, r_hat=r_hat, dropout=config.dropout, mora_dtype=config.torch_dtype,
-            merge_compensation=config.merge_compensation,
-        )
-    from mora_dist.parallel.layers import wrap_megatron_linear
-
-    return wrap_megatron_linear(module, name, config, r_hat)
-
-
-def _features(module: nn.Module, name: str) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    from mora_dist.parallel.layers import megatron_features
-
-    return megatron_features(module, name)
 
 
 Model = nn.Module | Sequence[nn.Module]
@@ -98,24 +63,22 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
         MoRAConfigError: an ``r_hat`` cannot work for some layer (the message names it), an unsupported
             megatron layout (mixture of experts), or a model that already has MoRA layers.
     """
-    chunks = pipeline.model_chunks(model)
+    chunks = model_chunks(model)
     if any(isinstance(m, MoRALayerMixin) for c in chunks for m in c.modules()):
         raise MoRAConfigError("apply_mora: the model already has MoRA layers; call unload(model) first")
-    pipeline.check_supported(chunks)
-    index = pipeline.named_modules(chunks)
+    check_supported(chunks)
+    index = named_modules(chunks)
     named = [(name, module) for name, module, _, _ in index]
-    agree = partial(pipeline.unmatched_everywhere, group=pipeline.pipeline_group(chunks))
-    targets = plan_targets(named, config.target_modules, config.exclude_modules, _is_candidate,
+    agree = partial(unmatched_everywhere, group=pipeline_group(chunks))
+    targets = plan_targets(named, config.target_modules, config.exclude_modules, is_candidate,
                            unmatched_everywhere=agree)
     to_save = plan_modules_to_save(named, config.modules_to_save, unmatched_everywhere=agree)
     where = {name: (chunk, local) for name, _, chunk, local in index}
     modules = dict(named)
-    plan = [(name, layer_r_hat(*_features(modules[name], name), config, name)) for name in targets]
+    wrappers = {name: wrapper_class(modules[name], name) for name in targets}
+    plan = [(name, layer_r_hat(*wrappers[name].global_features(modules[name]), config, name)) for name in targets]
     for name, r_hat in plan:
-        if not isinstance(modules[name], nn.Linear):
-            from mora_dist.parallel.layers import check_megatron_linear
-
-            check_megatron_linear(modules[name], name, config, r_hat)  # sharding errors before any change
+        wrappers[name].check(modules[name], name, config, r_hat)  # e.g. sharding errors, before any change
 
     for chunk in chunks:
         chunk.requires_grad_(False)
@@ -123,7 +86,7 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
         chunk, local = where[name]
         parent_name, _, child = local.rpartition(".")
         parent = chunk.get_submodule(parent_name) if parent_name else chunk
-        setattr(parent, child, _wrap(modules[name], name, config, r_hat))
+        setattr(parent, child, wrappers[name].from_base(modules[name], name, config, r_hat))
     for name in to_save:
         modules[name].requires_grad_(True)
     for chunk in chunks:
@@ -142,23 +105,42 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
 
 def mora_layers(model: Model) -> Iterator[tuple[str, MoRALayerMixin]]:
     """``(global name, layer)`` of every MoRA layer of this rank's chunks, in model order."""
-    for name, module, _, _ in pipeline.named_modules(model):
+    for name, module, _, _ in named_modules(model):
         if isinstance(module, MoRALayerMixin):
             yield name, module
 
 
-def set_mora_type(model: nn.Module, mora_type: int | str) -> None:
+def set_mora_type(model: Model, mora_type: int | str) -> None:
     """Switch every MoRA layer to another type (ReMoRA, after a merge). Spec: §3."""
     for _, layer in mora_layers(model):
         layer.set_mora_type(mora_type)
+
+
+def current_mora_type(model: Model) -> int | None:
+    """The type every MoRA layer of this rank uses now (the layers' operators are the one record of it), or
+    ``None`` when the model has no MoRA layers or they differ. Spec: §3."""
+    types = {layer.mora_type for _, layer in mora_layers(model)}
+    return types.pop() if len(types) == 1 else None
+
+
+@torch.no_grad()
+def merge_mora(model: Model, reinit: bool = True) -> int:
+    """Fold every layer's ``dW`` into its frozen base weight (each layer's ``merge``, through
+    :func:`mora_dist.merge.fold_layer`); zero ``M`` if ``reinit``. Local to each rank. Returns the layer count.
+    Spec: §2.4."""
+    count = 0
+    for _, layer in mora_layers(model):
+        layer.merge(reinit=reinit)
+        count += 1
+    return count
 
 
 def count_parameters(model: Model) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of the whole model (ZeRO-3 partitioned parameters counted by
     their full size). A megatron model is counted over all its pipeline stages and tensor-parallel shards
     (collective over both groups; replicated parameters counted once)."""
-    chunks = pipeline.model_chunks(model)
-    tp_group = pipeline.tensor_group(chunks)
+    chunks = model_chunks(model)
+    tp_group = tensor_group(chunks)
     tp_rank = torch.distributed.get_rank(tp_group) if tp_group is not None else 0
     trainable = total = 0
     for chunk in chunks:
@@ -168,8 +150,8 @@ def count_parameters(model: Model) -> tuple[int, int]:
             n = getattr(p, "ds_numel", p.numel())
             total += n
             trainable += n if p.requires_grad else 0
-    counts = pipeline.sum_over([trainable, total], tp_group)
-    trainable, total = pipeline.sum_over(counts, pipeline.pipeline_group(chunks))
+    counts = sum_over([trainable, total], tp_group)
+    trainable, total = sum_over(counts, pipeline_group(chunks))
     return trainable, total
 
 
@@ -183,7 +165,7 @@ def trainable_summary(model: Model) -> str:
 
 def unload(model: Model, merge: bool = True) -> Model:
     """Replace every MoRA layer by its base layer (merging ``dW`` first unless ``merge=False``)."""
-    for _, layer, chunk, local in list(pipeline.named_modules(model)):
+    for _, layer, chunk, local in list(named_modules(model)):
         if not isinstance(layer, MoRALayerMixin):
             continue
         if merge:
@@ -191,7 +173,7 @@ def unload(model: Model, merge: bool = True) -> Model:
         parent_name, _, child = local.rpartition(".")
         parent = chunk.get_submodule(parent_name) if parent_name else chunk
         setattr(parent, child, layer.release_base())
-    for chunk in pipeline.model_chunks(model):
+    for chunk in model_chunks(model):
         if hasattr(chunk, "mora_config"):
             del chunk.mora_config
     return model

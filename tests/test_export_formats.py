@@ -11,7 +11,7 @@ from conftest import TINY_MODELS, tiny_llama
 from safetensors.torch import load_file
 
 from mora_dist import MoRAConfig, MoRAConfigError, apply_mora, load_mora, merge_mora, mora_layers, save_mora, unload
-from mora_dist.export_formats import save_peft_lora
+from mora_dist.adapters.peft_lora import save_peft_lora
 from mora_dist.lora import apply_lora, lora_layers
 from mora_dist.training.callbacks import TrainerEngineView
 from mora_dist.training.remora import ReLoRACallback, ReMoRACallback

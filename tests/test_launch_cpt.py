@@ -10,9 +10,9 @@ import torch
 import transformers
 from launch_helpers import export_in_process, run, scalars
 
-from mora_dist.adapter_io import load_mora
+from mora_dist.adapters.mora import load_mora
 from mora_dist.data import load_tokenizer
-from mora_dist.run.checkpoint import load_hf_run_model
+from mora_dist.run.hf import load_hf_run_model
 
 
 def test_continual_pretraining_of_a_local_checkpoint_adapts_and_exports(tmp_path):

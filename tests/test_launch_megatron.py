@@ -42,7 +42,8 @@ _START = """
 import os, sys, torch.distributed as dist
 from mora_dist.model import unload
 from mora_dist.run.checkpoint import read_run_config
-from mora_dist.run.megatron import build_gpt, init_model_parallel, megatron_to_hf
+from mora_dist.run.megatron.model import build_gpt, init_model_parallel
+from mora_dist.run.megatron.export import megatron_to_hf
 run, out, port = sys.argv[1:]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 dist.init_process_group("gloo", rank=0, world_size=1)

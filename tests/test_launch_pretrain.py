@@ -24,7 +24,8 @@ from launch_helpers import (
     scalars,
 )
 
-from mora_dist.run.checkpoint import latest_tag, load_hf_run_model
+from mora_dist.run.checkpoint import latest_tag
+from mora_dist.run.hf import load_hf_run_model
 
 
 def _logits(model, ids):
@@ -74,7 +75,7 @@ def test_remora_run_exports_as_one_peft_lora_over_the_starting_weights(tiny_run,
 
     from mora_dist.data import load_tokenizer
     from mora_dist.model import unload
-    from mora_dist.run.build import build_hf_model
+    from mora_dist.run.hf import build_hf_model
 
     out, _ = tiny_run
     export_in_process("--run", str(out), "--out", str(tmp_path / "lora"), "--tag", "step_0000070",
@@ -94,7 +95,7 @@ def test_relora_run_exports_as_one_peft_lora_over_the_starting_weights(tmp_path)
 
     from mora_dist.data import load_tokenizer
     from mora_dist.lora import lora_layers
-    from mora_dist.run.build import build_hf_model
+    from mora_dist.run.hf import build_hf_model
 
     out = tmp_path / "run"
     lora = '{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"], "modules_to_save": ["lm_head"]}'

@@ -29,9 +29,10 @@ def _bf16_run() -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from mora_dist import MoRAConfig, mora_layers
-    from mora_dist.megatron import MegatronReMoRA, mora_model_provider
+    from mora_dist.integrations.megatron_lm import MegatronReMoRA, mora_model_provider
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_seed, enable_cpu_megatron
-    from mora_dist.training import ReMoRACallback, megatron_state
+    from mora_dist.training import ReMoRACallback
+    from mora_dist.training.optimizer_state import megatron as megatron_state
 
     spec = importlib.util.spec_from_file_location("megatron_pretrain_hook", EXAMPLE)
     module = importlib.util.module_from_spec(spec)

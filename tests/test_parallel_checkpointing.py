@@ -31,8 +31,8 @@ def _base_into_mora(folder):
 
     from mora_dist import MoRAConfig, apply_mora
     from mora_dist.model import mora_layers
-    from mora_dist.parallel.checkpointing import load_checkpoint
     from mora_dist.training.callbacks import TrainerEngineView
+    from mora_dist.training.dist_checkpoint import load_checkpoint
 
     torch.manual_seed(0)
     base = tiny_gpt()
@@ -53,9 +53,9 @@ def _base_into_mora(folder):
 
 def _run(folder=None, *, resume=False):
     """ReMoRA (merges every MERGE steps) under bf16 + DistributedOptimizer; save at SAVE_AT or resume from it."""
-    from mora_dist.parallel.checkpointing import load_checkpoint, save_checkpoint
-    from mora_dist.training import megatron_state
     from mora_dist.training.callbacks import CallbackList, TrainerEngineView
+    from mora_dist.training.dist_checkpoint import load_checkpoint, save_checkpoint
+    from mora_dist.training.optimizer_state import megatron as megatron_state
     from mora_dist.training.remora import ReMoRACallback
 
     ddp, optimizer = megatron_mora_training("distributed", seed=7 if resume else 0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from launch_helpers import TINY
 
-from mora_dist.run import build
+from mora_dist.run import deepspeed_engine, hf
 from mora_dist.run.config import load_run_config
 
 
@@ -19,10 +19,10 @@ def test_torch_adam_is_chosen_automatically_without_cuda_and_says_so(caplog):
     explicit setting being overridden."""
     cfg = load_run_config(TINY, ["optimizer.torch_adam=null"])
     with caplog.at_level(logging.INFO, logger="mora_dist.run.build"):
-        params = build.deepspeed_config(cfg, 1)["optimizer"]["params"]
+        params = deepspeed_engine.deepspeed_config(cfg, 1)["optimizer"]["params"]
     assert params["torch_adam"] is True
     assert "torch_adam unset: using torch's AdamW (no CUDA" in caplog.text
-    assert build.resolve_torch_adam(False) is False and build.resolve_torch_adam(True) is True
+    assert deepspeed_engine.resolve_torch_adam(False) is False and deepspeed_engine.resolve_torch_adam(True) is True
 
 
 @pytest.mark.parametrize("r,warns", [(256, True), (16, False)], ids=["r256-outgrows", "r16-fits"])
@@ -30,7 +30,7 @@ def test_warning_when_adapters_outgrow_the_adapted_layers(caplog, r, warns):
     """Catches r = 256 on a small model passing silently (the adapters then train more than the layers hold)."""
     cfg = load_run_config(TINY, [f"mora.r={r}"])
     with caplog.at_level(logging.WARNING, logger="mora_dist.run.build"):
-        build.build_hf_model(cfg, 512, 0)
+        hf.build_hf_model(cfg, 512, 0)
     assert ("more than the" in caplog.text) == warns, caplog.text
     if warns:
         assert "lower mora.r" in caplog.text

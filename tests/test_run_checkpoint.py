@@ -33,13 +33,13 @@ def _step(engine) -> None:
 
 
 def _worker(root: str) -> dict:
-    from mora_dist.run.checkpoint import load_latest, save_checkpoint
+    from mora_dist.run.checkpoint import load_latest, save_step_checkpoint
 
     engine = _engine()
     seen = {}
     for step in (1, 2, 3):
         _step(engine)
-        save_checkpoint(engine, root, step, {"step": step, "samples_consumed": 2 * step, "cb": {"merges": step}},
+        save_step_checkpoint(engine, root, step, {"step": step, "samples_consumed": 2 * step, "cb": {"merges": step}},
                         keep_last=2)
         seen[step] = engine.module.weight.detach().clone()
     _step(engine)  # moves the weights away from checkpoint 3
@@ -51,7 +51,7 @@ def _worker(root: str) -> dict:
     stale = Path(root) / tag_for(9)
     shutil.copytree(Path(root) / tag_for(3), stale)
     for step in (4, 5):
-        save_checkpoint(engine, root, step, {"step": step}, keep_last=2)
+        save_step_checkpoint(engine, root, step, {"step": step}, keep_last=2)
         out[f"after_{step}"] = [s for s, _ in list_checkpoints(root)]
     shutil.rmtree(stale)
     return out

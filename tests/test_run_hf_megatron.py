@@ -46,7 +46,8 @@ def single_process_megatron(monkeypatch):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from mora_dist.run.megatron import _single_process_group, init_model_parallel
+    from mora_dist.run.megatron.export import _single_process_group
+    from mora_dist.run.megatron.model import init_model_parallel
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))  # recorded, so it is removed again afterwards
@@ -63,7 +64,8 @@ def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, ti
     gives back the same HF model. Catches q/k/v interleaved per head instead of per query group, [up; gate],
     a dropped q/k/v bias, a tied head loaded twice, the wrong norm eps or RoPE base."""
     from mora_dist.run.config import RunConfig
-    from mora_dist.run.megatron import build_gpt, gpt_loss, megatron_to_hf
+    from mora_dist.run.megatron.export import megatron_to_hf
+    from mora_dist.run.megatron.model import build_gpt, gpt_loss
 
     base = _save_tiny(tmp_path / "base", kind, tie)
     cfg = RunConfig.model_validate({
@@ -91,7 +93,7 @@ def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, ti
 
 def test_unsupported_checkpoint_is_refused_naming_the_field(tmp_path):
     from mora_dist.errors import MoRAConfigError
-    from mora_dist.run.hf_megatron import GPTShape
+    from mora_dist.run.model_shape import GPTShape
 
     base = tmp_path / "base"
     base.mkdir()

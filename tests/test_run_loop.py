@@ -26,7 +26,8 @@ def _eval_sets() -> dict[str, list[list[int]]]:
 def _zero3_eval_worker() -> dict[str, float]:
     import deepspeed
 
-    from mora_dist.run.loop import HFBackend, evaluate_sets
+    from mora_dist.run.hf import HFBackend
+    from mora_dist.run.loop import evaluate_sets
 
     patch_deepspeed_for_cpu()
     deepspeed.init_distributed(dist_backend="gloo")

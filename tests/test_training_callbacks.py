@@ -140,7 +140,7 @@ def test_trainer_adapter_refuses_a_missing_state_file(tmp_path):
 def _deepspeed_trainer_worker(output_dir):
     from distributed import patch_deepspeed_for_cpu
 
-    from mora_dist.training import zero_state
+    from mora_dist.training.optimizer_state import deepspeed as zero_state
 
     patch_deepspeed_for_cpu()
     torch.manual_seed(0)

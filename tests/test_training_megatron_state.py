@@ -18,8 +18,8 @@ def _logits(ddp):
 def _remora(kind, *, mora_dtype="float32"):
     """Train to the merge at step MERGE, merge through ReMoRACallback, take one more step; report every copy."""
     from mora_dist.model import mora_layers
-    from mora_dist.training import megatron_state
     from mora_dist.training.callbacks import CallbackList, TrainerEngineView
+    from mora_dist.training.optimizer_state import megatron as megatron_state
     from mora_dist.training.remora import ReMoRACallback
 
     ddp, optimizer = megatron_mora_training(kind, lr=LR, mora_dtype=mora_dtype)

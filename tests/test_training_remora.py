@@ -79,7 +79,7 @@ def _logits(engine):
 
 
 def _module_value(p):
-    from mora_dist.training import zero_state
+    from mora_dist.training.optimizer_state import deepspeed as zero_state
 
     with zero_state.gathered([p]):
         return p.detach().float().clone()
@@ -93,8 +93,8 @@ def _first_layer(engine):
 
 def _merge_case(stage, bf16, persistence, rank):
     """Train 4 steps, merge at 4, step once more; returns what the parent asserts."""
-    from mora_dist.training import zero_state
     from mora_dist.training.callbacks import CallbackList
+    from mora_dist.training.optimizer_state import deepspeed as zero_state
 
     engine = _build_engine(stage=stage, bf16=bf16, persistence=persistence)
     cb = ReMoRACallback(merge_every=4, type_cycle=(1, 2), restart_warmup=0)
@@ -162,7 +162,7 @@ def _export_from_master(engine, layer, rank):
 
     from mora_dist import save_mora
     from mora_dist.operators import lora_factors
-    from mora_dist.training import zero_state
+    from mora_dist.training.optimizer_state import deepspeed as zero_state
 
     master = zero_state.get_full(engine.optimizer, layer.mora_M)
     folder = tempfile.mkdtemp()
@@ -309,8 +309,8 @@ def test_resume_mid_cycle_reproduces_uninterrupted_run(tmp_path):
 
 def _relora_worker(cases):
     from mora_dist.lora import lora_layers
-    from mora_dist.training import zero_state
     from mora_dist.training.callbacks import CallbackList
+    from mora_dist.training.optimizer_state import deepspeed as zero_state
 
     rank = _init()
     out = {}

@@ -21,9 +21,9 @@ def _gpt_worker(tp, merge_every=MERGE_EVERY, lr=1e-2):
     from mora_dist import MoRAConfig, apply_mora
     from mora_dist.errors import MoRAConfigError
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_kwargs
+    from mora_dist.parallel.mpu import MegatronMPU
     from mora_dist.training.callbacks import CallbackList, TrainerEngineView
     from mora_dist.training.remora import ReMoRACallback
-    from mora_dist.training.zero_state import MegatronMPU
 
     init_megatron(tp)
     patch_deepspeed_for_cpu()

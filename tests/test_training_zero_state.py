@@ -7,7 +7,7 @@ from test_training_remora import LR, _build_engine, _init, _module_value, _train
 
 def _roundtrip_worker(cases):
     from mora_dist.model import mora_layers
-    from mora_dist.training import zero_state
+    from mora_dist.training.optimizer_state import deepspeed as zero_state
 
     rank = _init()
     out = {}

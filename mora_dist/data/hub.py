@@ -65,7 +65,9 @@ def check_hub(cfg, *, timeout_s: float = TIMEOUT_S) -> None:
     refs = hub_refs(cfg)
     if not refs:
         return
-    from huggingface_hub import HfApi, is_offline_mode
+    from huggingface_hub import HfApi, is_offline_mode  # only hub sources need the hub client
+
+    # only hub sources need the hub client
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     if is_offline_mode():

@@ -33,6 +33,7 @@ class IndexedBlocks:
             self.prefix, self.seq_len, self._ds, self._tok, self._group_tok, self._group_blocks = _view[:6]
             self.start, self.stop = _view[6:]
             return
+        # megatron-core is heavy: loaded only where megatron is used
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         if not IndexedDataset.exists(prefix):

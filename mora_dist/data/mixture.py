@@ -107,7 +107,7 @@ class StreamReader:
 
     def __init__(self, ds: datasets.IterableDataset, *, seed: int, shuffle: bool = True, buffer: int = 10_000,
                  dp_rank: int = 0, dp_size: int = 1, shard_files: bool = True):
-        from datasets.distributed import split_dataset_by_node
+        from datasets.distributed import split_dataset_by_node  # only streamed sources are split by node
 
         ds = ds.shuffle(seed=seed, buffer_size=buffer) if shuffle else ds
         self.stride, self.offset = 1, 0

@@ -131,7 +131,7 @@ def load_text_source(
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> None:
     """Train a byte-level BPE (EOS ``<|endoftext|>``) on ``texts`` and write ``tokenizer.json`` atomically."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only training a tokenizer needs it
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -143,8 +143,8 @@ def _check_record(source: str, path: Path, number: int | None, record: Any, text
 
 def check_parquet(source: str, path: Path, text_field: str, limit: int | None) -> None:
     """Parquet: readable, has rows, has the ``text_field`` column of strings (the rows read hold no nulls)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # only parquet sources need pyarrow
+    import pyarrow.parquet as pq  # only parquet sources need pyarrow
 
     try:
         pf = pq.ParquetFile(path)

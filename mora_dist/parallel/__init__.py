@@ -1,5 +1,6 @@
-"""Tensor-parallel MoRA for megatron-core: wrappers, rank-local <-> TP = 1 layouts, collectives on ``M``, and a CPU
-shim for megatron-core.
+"""Tensor-parallel MoRA for megatron-core: wrappers (``layers``, ``te``), rank-local <-> TP = 1 layouts, collectives
+on ``M`` (``mappings``), model chunks across pipeline stages (``chunks``), DeepSpeed's ``mpu`` over megatron-core
+(``mpu``) and a CPU shim for megatron-core.
 
 Names load on first use (``layers`` imports megatron-core; ``layouts`` and ``mappings`` need only torch). Spec: §4.
 """
@@ -8,13 +9,12 @@ import importlib
 
 __all__ = [
     "MoRAColumnParallelLinear",
+    "MegatronMPU",
     "MoRARowParallelLinear",
     "ShardPlan",
     "enable_cpu_megatron",
     "finalize_model_grads",
-    "load_checkpoint",
     "plan_shard",
-    "save_checkpoint",
     "suggest_r_hat",
     "sum_replicated_grads",
 ]
@@ -22,13 +22,12 @@ __all__ = [
 _LAZY = {
     "MoRAColumnParallelLinear": "layers",
     "MoRARowParallelLinear": "layers",
+    "MegatronMPU": "mpu",
     "ShardPlan": "layouts",
     "plan_shard": "layouts",
     "suggest_r_hat": "layouts",
     "enable_cpu_megatron": "cpu_shim",
     "finalize_model_grads": "mappings",
-    "load_checkpoint": "checkpointing",
-    "save_checkpoint": "checkpointing",
     "sum_replicated_grads": "mappings",
 }
 

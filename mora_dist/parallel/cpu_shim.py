@@ -52,6 +52,7 @@ def cpu_model_parallel_kwargs() -> dict[str, Any]:
 
 
 def _make_cpu_tracker_class() -> type:
+    # megatron-core is heavy: loaded only where megatron is used
     from megatron.core.tensor_parallel import random as mrandom
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
@@ -115,7 +116,9 @@ def _on_cpu(fn: Callable) -> Callable:
 def _patch_megatron_optimizers() -> None:
     """Run the CUDA-assuming constructors and grad-norm helpers of megatron-core's optimizers under
     :class:`_CudaAsCpu`. The helpers are patched where ``optimizer.py`` imported them (its callers use that name)."""
-    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import distrib_optimizer  # megatron-core is heavy: loaded only where megatron is used
+
+    # megatron-core is heavy: loaded only where megatron is used
     from megatron.core.optimizer import optimizer as moptimizer
 
     for owner, name in (
@@ -150,7 +153,7 @@ class _TorchOnCpu:
 
 def _patch_megatron_schedules() -> None:
     """Give ``pipeline_parallel/schedules.py`` (and only it) the :class:`_TorchOnCpu` namespace."""
-    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.pipeline_parallel import schedules  # megatron-core is heavy: loaded only where megatron is used
 
     if not isinstance(schedules.torch, _TorchOnCpu):
         schedules.torch = _TorchOnCpu()
@@ -169,6 +172,7 @@ def enable_cpu_megatron() -> bool:
         return False
     if _ENABLED:
         return True
+    # megatron-core is heavy: loaded only where megatron is used
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._CUDA_RNG_STATE_TRACKER = _make_cpu_tracker_class()()
@@ -187,7 +191,9 @@ def enable_cpu_megatron() -> bool:
 def cpu_model_parallel_seed(seed: int) -> None:
     """``model_parallel_cuda_manual_seed`` for CPU: default state ``seed``, tensor-parallel state
     ``seed + 2718 + tp_rank``, as megatron does on GPU."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # megatron-core is heavy: loaded only where megatron is used
+
+    # megatron-core is heavy: loaded only where megatron is used
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.manual_seed(seed)

@@ -1,5 +1,5 @@
 """MoRA around megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear``: same function at every TP size,
-Megatron's collectives only. Transformer Engine layers reuse these classes from :mod:`mora_dist.parallel.te_layers`.
+Megatron's collectives only. Transformer Engine layers reuse these classes from :mod:`mora_dist.parallel.te`.
 
 Each wrapper is thin: it reads its shard's global ids and the shard plan of ``M`` from
 :mod:`mora_dist.parallel.layouts`, builds a :class:`~mora_dist.operators.MoRAOperator` on global ids, and
@@ -140,6 +140,16 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         """``(group, size, rank)`` over which the base weight is split."""
         group = _tp_group(base_layer)
         return group, dist.get_world_size(group), dist.get_rank(group)
+
+    # ---- the dispatch interface (:mod:`mora_dist.dispatch`) ----
+    @classmethod
+    def check(cls, base_layer: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> None:
+        """Raise before anything changes if ``base_layer`` cannot be wrapped as configured."""
+        check_megatron_linear(cls, base_layer, name, config, r_hat)
+
+    @classmethod
+    def from_base(cls, base_layer: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> _MegatronMoRALinear:
+        return wrap_megatron_linear(cls, base_layer, name, config, r_hat)
 
     # ---- plan and operator ----
     def _plan(self, mora_type: int, r_hat: int) -> ShardPlan:
@@ -422,28 +432,10 @@ def _check_base(base_layer: nn.Module, name: str, fuse_with_base_comm: bool) -> 
         raise MoRAConfigError(f"{name}: a layer that gathers its output needs fuse_with_base_comm=True")
 
 
-def _kind(module: nn.Module, name: str) -> type[_MegatronMoRALinear]:
-    """The wrapper class of a megatron-core or Transformer Engine linear layer."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(module, ColumnParallelLinear):
-        return MoRAColumnParallelLinear
-    if isinstance(module, RowParallelLinear):
-        return MoRARowParallelLinear
-    from mora_dist.parallel.te_layers import te_wrapper_class
-
-    return te_wrapper_class(module, name)
-
-
-def megatron_features(module: nn.Module, name: str) -> tuple[int, int]:
-    """``(k, d)`` of the TP = 1 weight of a megatron-core or Transformer Engine linear layer."""
-    return _kind(module, name).global_features(module)
-
-
-def check_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> None:
-    """Raise now, before :func:`mora_dist.apply_mora` changes anything, if this layer cannot be wrapped as
-    configured (unsupported layer, or ``M`` that cannot be sharded under ``tensor_parallel_sharding='shard'``)."""
-    cls = _kind(module, name)
+def check_megatron_linear(cls: type[_MegatronMoRALinear], module: nn.Module, name: str, config: MoRAConfig,
+                          r_hat: int) -> None:
+    """Raise now, before :func:`mora_dist.apply_mora` changes anything, if ``module`` cannot be wrapped by ``cls``
+    as configured (unsupported layer, or ``M`` that cannot be sharded under ``tensor_parallel_sharding='shard'``)."""
     _check_base(module, name, cls.fuse_with_base_comm)
     (k, d), (_, tp_size, tp_rank) = cls.global_features(module), cls.tp_layout(module)
     plan_shard(
@@ -460,9 +452,10 @@ def check_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_ha
     )
 
 
-def wrap_megatron_linear(module: nn.Module, name: str, config: MoRAConfig, r_hat: int) -> _MegatronMoRALinear:
-    """Wrap one megatron-core (or Transformer Engine) linear layer for :func:`mora_dist.apply_mora`. Spec: §4."""
-    cls = _kind(module, name)
+def wrap_megatron_linear(cls: type[_MegatronMoRALinear], module: nn.Module, name: str, config: MoRAConfig,
+                         r_hat: int) -> _MegatronMoRALinear:
+    """Wrap one megatron-core (or Transformer Engine) linear layer with ``cls`` for :func:`mora_dist.apply_mora`.
+    Spec: §4."""
     return cls(
         module,
         r_hat,

@@ -76,6 +76,7 @@ def finalize_model_grads(model: list[torch.nn.Module], *args, **kwargs):
     :func:`sum_replicated_grads`. Set it as ``config.finalize_model_grads_func`` or call it where a loop calls
     Megatron's. Spec: §4.
     """
+    # megatron-core is heavy: loaded only where megatron is used
     from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
 
     result = megatron_finalize_model_grads(model, *args, **kwargs)

@@ -10,6 +10,7 @@ The client state carries what DeepSpeed does not know: the step, the samples con
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,7 +18,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+
+from mora_dist.run.config import validate_run_config
+from mora_dist.training.callbacks import CLIENT_STATE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def clean_stale(save_dir: str | os.PathLike) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def save_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_state: dict[str, Any], *,
+def save_step_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_state: dict[str, Any], *,
                     keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank calls it); keep the newest ``keep_last``.
 
@@ -138,10 +144,6 @@ def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_run_config(run_dir: str | os.PathLike):
     """The resolved ``config.json`` a run wrote (file paths not re-checked: the corpus may live elsewhere)."""
-    import json
-
-    from mora_dist.run.config import validate_run_config
-
     return validate_run_config(json.loads((Path(run_dir) / "config.json").read_text()), check_paths=False)
 
 
@@ -150,8 +152,6 @@ def read_model_states(run_dir: str | os.PathLike, tag: str | None = None, *, mp_
 
     Holds ``module`` (the full module state dict, frozen base weights included) and our client state.
     """
-    import torch
-
     ckpt = Path(run_dir) / "checkpoints"
     tag = tag or latest_tag(ckpt)
     if tag is None:
@@ -170,7 +170,7 @@ def read_fp32_masters(run_dir: str | os.PathLike, tag: str | None = None) -> dic
     read the fp32 master, and so must export. ZeRO-0 keeps its master inside the optimizer's own state, which is
     not read here: ``{}`` with a warning (the bf16 module copy is used).
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy: exports only
 
     cfg = read_run_config(run_dir)
     if cfg.model.dtype == "float32":
@@ -186,21 +186,19 @@ def read_fp32_masters(run_dir: str | os.PathLike, tag: str | None = None) -> dic
                                                     exclude_frozen_parameters=True)
 
 
-def current_mora_type(client_state: dict[str, Any]) -> int | None:
-    """The MoRA type ReMoRA had switched to when the checkpoint was written (``None`` without ReMoRA)."""
-    from mora_dist.training.callbacks import CLIENT_STATE_KEY
-
+def saved_mora_type(client_state: dict[str, Any]) -> int | None:
+    """The MoRA type ReMoRA had switched to when the checkpoint was written (``None`` without ReMoRA): its place
+    in the type cycle, as the callback itself reads it."""
     for key, state in client_state.get(CLIENT_STATE_KEY, {}).items():
         if key.endswith(":ReMoRACallback"):
-            return int(state["mora_type"])
+            cycle = state["type_cycle"]
+            return int(cycle[int(state["type_index"]) % len(cycle)])
     return None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """A full module state dict from a file (``.safetensors``, or a ``torch.save`` file such as
     ``pytorch_model.bin``) or a folder of them (shards), e.g. what DeepSpeed's ``zero_to_fp32.py`` writes."""
-    import torch
-
     p = Path(path)
     files = [p] if p.is_file() else (sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
                                      or sorted(p.glob("*.pt")))
@@ -210,40 +208,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state.update(load_file(str(f)))
         else:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
     return state
-
-
-def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None, *, state_dict: dict[str, Any] | None = None):
-    """``(cfg, model)``: the Hugging Face backend's training model (adapters unmerged) as of checkpoint ``tag``,
-    trainable parameters from the fp32 masters in a bf16/fp16 run (:func:`read_fp32_masters`).
-
-    ``state_dict`` (e.g. from :func:`read_state_dict` on ``zero_to_fp32.py`` output, needed under ZeRO-3 where
-    the model states file holds no weights) replaces the checkpoint's module weights; the checkpoint still gives
-    the MoRA type ReMoRA had reached (its trainable values are fp32 masters already).
-    """
-    from mora_dist.model import set_mora_type
-    from mora_dist.run.build import build_hf_model
-
-    cfg = read_run_config(run_dir)
-    states = read_model_states(run_dir, tag)
-    from mora_dist.data import load_tokenizer
-
-    eos = load_tokenizer(Path(run_dir) / "tokenizer").eos_token_id
-    model = build_hf_model(cfg, cfg.model.vocab_size, eos)
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    else:
-        model.load_state_dict(states["module"], strict=True)
-        masters = read_fp32_masters(run_dir, tag)  # the exact adapter values merges read, not their bf16 copies
-        unexpected = model.load_state_dict(masters, strict=False).unexpected_keys
-        if unexpected:
-            raise RuntimeError(f"fp32 masters of {run_dir} name parameters the model lacks: {unexpected[:5]}")
-    mora_type = current_mora_type(states)
-    if mora_type is not None:
-        set_mora_type(model, mora_type)
-    return cfg, model.eval()

@@ -12,18 +12,26 @@ Spec: §3 (ReMoRA settings), §4 (tensor-parallel sizes).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from mora_dist.config import MoRAConfig
+from mora_dist.config import MoRAConfig, resolve_mora_type
+from mora_dist.data.sources import hub_id, reads_like_hub
 from mora_dist.errors import MoRAConfigError
+from mora_dist.run.model_shape import GPTShape
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+# model.dtype -> the torch dtype of the base weights.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RunConfigError(MoRAConfigError):
@@ -259,7 +267,6 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
     if m.backend == "megatron" and cfg.lora is not None:
         out.append("lora is available on backend 'hf' only: set model.backend='hf' or use mora")
     if cfg.remora is not None:
-        from mora_dist.config import resolve_mora_type
 
         for i, t in enumerate(cfg.remora.mora_types):
             try:
@@ -334,7 +341,6 @@ def _check_restarts(cfg: RunConfig, out: list[str]) -> None:
     key = "remora" if cfg.remora is not None else "relora"
     s, t = cfg.scheduler, cfg.training
     if cfg.remora is not None and cfg.mora is not None and cfg.remora.mora_types:
-        from mora_dist.config import resolve_mora_type
 
         try:
             first = resolve_mora_type(cfg.remora.mora_types[0], "remora.mora_types[0]")
@@ -365,7 +371,6 @@ def _check_restarts(cfg: RunConfig, out: list[str]) -> None:
 
 def _check_source(out: list[str], key: str, s: DataSource, *, check_paths: bool) -> None:
     """One data source: its kind (local files, hub, local copy of a hub dataset, Megatron prefix) and paths."""
-    from mora_dist.data.sources import hub_id, reads_like_hub
 
     hub_like = reads_like_hub(s.path, s.hub_config, s.eval_split)
     if s.format == "megatron":
@@ -425,8 +430,6 @@ def check_world(cfg: RunConfig, world_size: int) -> int:
             if a[key] % tp:
                 out.append(f"model.{key}={a[key]} is not divisible by model.tensor_model_parallel_size={tp}")
     elif m.backend == "megatron" and Path(m.pretrained, "config.json").is_file():
-        from mora_dist.run.hf_megatron import GPTShape
-
         try:
             shape = GPTShape.from_pretrained(m.pretrained)
         except MoRAConfigError as exc:
@@ -525,7 +528,6 @@ def _lookup(raw: Any, loc: tuple) -> Any:
 
 
 def _known_keys(loc: tuple) -> list[str]:
-    import dataclasses
 
     model: Any = RunConfig
     for part in loc:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mora_dist.data.validate import locate_problem
+from mora_dist.run.distributed import device
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ class PeerFailed(RuntimeError):
 def agree(error: BaseException | None) -> None:
     """Collective over the whole world: return when no rank failed; else raise ``error`` on the lowest failing
     rank and :class:`PeerFailed` on every other rank. Every rank must call it at the same point."""
-    from mora_dist.run.build import device
-
     if not dist.is_initialized():  # one process without a group (tests, tools): nothing to agree with
         if error is not None:
             raise error

@@ -1,9 +1,9 @@
 """The training loop behind ``launch/pretrain.py``: steps, evaluation per source, metrics, checkpoints, resume.
 
-A backend (Hugging Face here, megatron-core in :mod:`mora_dist.run.megatron`) builds the engine and computes the
-loss of a batch; the loop is the same for both. Order within a step (the order ReMoRA's exactly-once merge
-relies on): ``engine.step()`` for every micro-batch, ``callbacks.on_step_end`` (merges), metrics, evaluation,
-checkpoint. Spec: §3, §5.
+A back end (:class:`~mora_dist.run.engine.Backend`: Hugging Face in :mod:`mora_dist.run.hf`, megatron-core in
+:mod:`mora_dist.run.megatron`) builds the engine and computes the loss of a batch; the loop is the same for all.
+Order within a step (the order ReMoRA's exactly-once merge relies on): ``engine.step()`` for every micro-batch,
+``callbacks.on_step_end`` (merges), metrics, evaluation, checkpoint. Spec: §3, §5.
 """
 
 from __future__ import annotations
@@ -16,51 +16,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mora_dist.run import build
-from mora_dist.run.checkpoint import load_latest, save_checkpoint
+from mora_dist.data import eval_shard
+from mora_dist.run.build import build_data
+from mora_dist.run.checkpoint import load_latest, save_step_checkpoint
 from mora_dist.run.config import RunConfig
+from mora_dist.run.distributed import device
+from mora_dist.run.engine import Backend, Engine
 from mora_dist.run.failures import agree
+from mora_dist.run.hf import HFBackend
+from mora_dist.run.megatron.model import MegatronBackend
+from mora_dist.run.megatron.native import NativeBackend
 from mora_dist.training.callbacks import CLIENT_STATE_KEY
 from mora_dist.training.metrics import ProgressLine, make_metric_logger, perplexity
 
 logger = logging.getLogger(__name__)
 
 
-class HFBackend:
-    """Hugging Face causal LM, data parallel over the whole world (ZeRO 0-3)."""
-
-    def __init__(self) -> None:
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-        self.dp_group = None
-
-    def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int, *, load_universal: bool = False):
-        model = build.build_hf_model(cfg, vocab_size, eos_token_id)
-        from mora_dist.model import trainable_summary
-
-        logger.info("%s (%s)", trainable_summary(model), cfg.method)
-        return build.build_engine(cfg, model, accum, load_universal=load_universal), build.build_callbacks(cfg)
-
-    def loss(self, engine: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean next-token loss of ``input_ids: (b, s)`` and the number of predicted tokens ``b * (s - 1)``."""
-        input_ids = input_ids.to(build.device())
-        out = engine(input_ids=input_ids, labels=input_ids)
-        return out.loss, input_ids.numel() - input_ids.shape[0]
-
-
-def make_backend(cfg: RunConfig):
+def make_backend(cfg: RunConfig) -> Backend:
+    """The back end the config names: Hugging Face + DeepSpeed, megatron-core + DeepSpeed, or megatron-native."""
     if cfg.model.backend == "megatron" and cfg.deepspeed is None:
-        from mora_dist.run.megatron_native import NativeBackend
-
         return NativeBackend(cfg)
     if cfg.model.backend == "megatron":
-        from mora_dist.run.megatron import MegatronBackend
-
         return MegatronBackend(cfg)
     return HFBackend()
 
 
 @torch.no_grad()
-def evaluate_sets(engine: Any, backend: Any, eval_sets: dict[str, list[list[int]]], *,
+def evaluate_sets(engine: Engine, backend: Backend, eval_sets: dict[str, list[list[int]]], *,
                   micro_batch_size: int) -> dict[str, float]:
     """Token-weighted loss on every source's held-out blocks, split over data-parallel ranks.
 
@@ -68,8 +50,6 @@ def evaluate_sets(engine: Any, backend: Any, eval_sets: dict[str, list[list[int]
     result is discarded): under ZeRO-3 each forward gathers parameters collectively. The loss counts the real
     blocks only, so it equals the single-process loss over the same blocks.
     """
-    from mora_dist.data import eval_shard
-
     engine.eval()
     sums = []
     for blocks in eval_sets.values():
@@ -81,7 +61,7 @@ def evaluate_sets(engine: Any, backend: Any, eval_sets: dict[str, list[list[int]
                 loss_sum, count = loss_sum + loss.item() * n, count + n
         sums.extend([loss_sum, count])
     engine.train()
-    t = torch.tensor(sums, dtype=torch.float64, device=build.device())
+    t = torch.tensor(sums, dtype=torch.float64, device=device())
     dist.all_reduce(t, group=backend.dp_group)
     out = {f"eval/{name}/loss": float(t[2 * i] / max(t[2 * i + 1], 1)) for i, name in enumerate(eval_sets)}
     out["eval/loss"] = float(t[0::2].sum() / max(t[1::2].sum(), 1))
@@ -99,7 +79,7 @@ def eval_at_start(cfg: RunConfig) -> bool:
 class Trainer:
     """Runs ``training.max_steps`` optimizer steps from scratch or from the latest checkpoint."""
 
-    def __init__(self, cfg: RunConfig, engine: Any, callbacks: Any, backend: Any, *, resume: bool) -> None:
+    def __init__(self, cfg: RunConfig, engine: Engine, callbacks: Any, backend: Backend, *, resume: bool) -> None:
         self.cfg, self.engine, self.callbacks, self.backend = cfg, engine, callbacks, backend
         out = Path(cfg.training.output_dir)
         self.ckpt_dir = out / "checkpoints"
@@ -129,7 +109,7 @@ class Trainer:
         return state
 
     def _mean_over_dp(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=build.device())  # NCCL reduces device tensors only
+        t = torch.tensor(values, dtype=torch.float64, device=device())  # NCCL reduces device tensors only
         dist.all_reduce(t, group=self.backend.dp_group)
         return (t / self.backend.dp_size).tolist()
 
@@ -139,7 +119,7 @@ class Trainer:
 
     def run(self, tokenizer) -> None:
         cfg, t, engine = self.cfg, self.cfg.training, self.engine
-        data = build.build_data(cfg, tokenizer, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
+        data = build_data(cfg, tokenizer, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
                                 start_sample=self.step * t.global_batch_size)
         self.callbacks.on_train_begin(engine)
         accum = engine.gradient_accumulation_steps()
@@ -199,7 +179,7 @@ class Trainer:
             extra = " | ".join(x for x in (_eval_text(logs, data.eval_sets), merged) if x)
             progress.update(self.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / elapsed, extra=extra)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
-                save_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
+                save_step_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
 
     def summary(self, export_command: str) -> str:
         """What this invocation did and where its results are (printed by the launcher on rank 0)."""

@@ -23,6 +23,8 @@ import shutil
 from argparse import Namespace
 from pathlib import Path
 
+import torch
+
 from mora_dist.run.checkpoint import TMP_PREFIX, list_checkpoints, resume_tag
 from mora_dist.run.config import RunConfig, RunConfigError
 
@@ -78,7 +80,7 @@ def add_universal(tag_dir: str | os.PathLike) -> Path:
     final = tag_dir / UNIVERSAL_DIR
     if final.is_dir():
         return final
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # DeepSpeed is heavy: loaded only where it is used
 
     tmp = tag_dir.parent / f"{TMP_PREFIX}universal-{tag_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,8 +98,6 @@ def add_universal(tag_dir: str | os.PathLike) -> Path:
 def load_module_state(engine, tag_dir: str | os.PathLike) -> None:
     """Load the whole module state (frozen base weights included) of checkpoint ``tag_dir`` into ``engine``'s
     model, before a universal load restores the trainable parameters and their optimizer state."""
-    import torch
-
     path = Path(tag_dir) / "mp_rank_00_model_states.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)["module"]
     engine.module.load_state_dict(state, strict=True)

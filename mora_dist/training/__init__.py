@@ -1,6 +1,6 @@
 """Training-loop pieces: the callback protocol, ReMoRA/ReLoRA callbacks, restarting schedulers, ZeRO state access.
 
-Names load on first use (``remora`` and ``zero_state`` import DeepSpeed). Spec: §3, §5.
+Names load on first use (``remora`` imports DeepSpeed through ``optimizer_state``). Spec: §3, §5.
 """
 
 import importlib

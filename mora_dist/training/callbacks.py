@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import transformers
+from safetensors.torch import load_file, save_file
 
 from mora_dist.errors import MoRAConfigError
 
@@ -223,8 +224,6 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
                 saved = json.load(f)
             tensors_path = os.path.join(self.resume_from, self.TENSORS_FILE)
             if os.path.isfile(tensors_path):
-                from safetensors.torch import load_file
-
                 saved = join_tensors(saved, load_file(tensors_path))
             self.callbacks.load_state_dict(saved)
         self.callbacks.on_train_begin(self._engine(state, model, optimizer, lr_scheduler))
@@ -244,8 +243,6 @@ class TrainerCallbackAdapter(transformers.TrainerCallback):
         tensors: dict[str, Any] = {}
         saved = split_tensors(self.callbacks.state_dict(), tensors)
         if tensors:  # written first: the JSON, replaced last, names them
-            from safetensors.torch import save_file
-
             tmp = os.path.join(folder, self.TENSORS_FILE + ".tmp")
             save_file(tensors, tmp)
             os.replace(tmp, os.path.join(folder, self.TENSORS_FILE))

@@ -49,8 +49,11 @@ def drop_events_after(log_dir: str | os.PathLike, step: int) -> int:
     A run killed after its last checkpoint logged steps that its resumed run logs again; readers would show
     both (``purge_step`` only hides them from readers that honour it).
     """
+    # tensorboard: loaded only when event files are written or read
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
+
+    # tensorboard: loaded only when event files are written or read
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     dropped = 0
@@ -78,6 +81,7 @@ class TensorBoardLogger:
     first dropped from the existing files, so every step appears once."""
 
     def __init__(self, log_dir: str, *, resume_step: int | None = None) -> None:
+        # tensorboard: loaded only when event files are written or read
         from torch.utils.tensorboard import SummaryWriter
 
         purge_step = None

@@ -4,8 +4,8 @@ the scheduler restart the learning rate. ReLoRA: the same with LoRA (merge ``(al
 
 Correct under ZeRO 0-3, fp32 and bf16, and at tensor-parallel size > 1 (each rank merges its own shard of ``dW``
 locally). Every write to parameters or optimizer state goes through the engine's
-:class:`~mora_dist.training.optimizer_state.OptimizerState` (:mod:`~mora_dist.training.zero_state` for torch and
-DeepSpeed, :mod:`~mora_dist.training.megatron_state` for megatron-core's optimizers), chosen by
+:class:`~mora_dist.training.optimizer_state.OptimizerState` (``optimizer_state.deepspeed`` for torch and DeepSpeed,
+``optimizer_state.megatron`` for megatron-core's optimizers), chosen by
 :func:`~mora_dist.training.optimizer_state.backend_for`. A merge checks that the optimizer holds every tensor it
 will write before it changes anything, so a refused merge leaves the model as it was.
 
@@ -111,7 +111,7 @@ class RestartCallback(Callback):
         self.merged_steps: list[int] = []
         self.last_seen_step = 0
         # Every merged cycle's update in global, fp32 form (step, type, matrices or factors), so the whole run
-        # exports as one exact LoRA relative to its starting weights (export_formats.save_peft_lora). Spec: §2.5.
+        # exports as one exact LoRA relative to its starting weights (mora_dist.adapters.peft_lora). Spec: §2.5.
         self.cycles: list[dict[str, Any]] = []
 
     @property
@@ -356,8 +356,8 @@ class ReMoRACallback(RestartCallback):
         return {"remora/type": float(merged_type), "remora/next_type": float(self.current_type)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "type_cycle": list(self.type_cycle), "type_index": self.type_index,
-                "mora_type": self.current_type}
+        # The type itself is not stored: it is type_cycle[type_index], as current_type reads it.
+        return {**super().state_dict(), "type_cycle": list(self.type_cycle), "type_index": self.type_index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["type_cycle"]) != self.type_cycle:

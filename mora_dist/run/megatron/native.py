@@ -29,9 +29,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mora_dist.parallel import pipeline
-from mora_dist.run import build
+from mora_dist.model import trainable_summary
+from mora_dist.parallel.chunks import all_gather, global_state_dict, load_global_state_dict
+from mora_dist.parallel.mappings import finalize_model_grads
+from mora_dist.parallel.mpu import MegatronMPU
+from mora_dist.run.build import build_callbacks, scheduler_factory
+from mora_dist.run.checkpoint import resume_tag
 from mora_dist.run.config import RunConfig
+from mora_dist.run.distributed import device
+from mora_dist.run.megatron.model import build_gpt_chunks, causal_inputs, init_model_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +50,7 @@ def _rank_file(rank: int) -> str:
 
 def _forward_step(data_iterator, model):
     """megatron's ``forward_step_func``: mean next-token loss of one micro-batch ``(b, s + 1)``."""
-    from mora_dist.run.megatron import causal_inputs
-
-    ids, position_ids, mask, labels = causal_inputs(next(data_iterator).to(build.device()))
+    ids, position_ids, mask, labels = causal_inputs(next(data_iterator).to(device()))
     per_token = model(ids, position_ids, mask, labels=labels)
 
     def loss_func(output: torch.Tensor):
@@ -63,22 +67,22 @@ class NativeEngine:
     Attributes:
         module: the model chunks (``DistributedDataParallel``-wrapped) in an ``nn.ModuleList`` (one chunk without
             virtual pipeline), which the callbacks read like any model.
-        optimizer: megatron-core's optimizer; lr_scheduler: ours (:mod:`mora_dist.run.build`), on its inner
+        optimizer: megatron-core's optimizer; lr_scheduler: ours (:mod:`mora_dist.run.hf`), on its inner
             torch optimizer(s); global_steps: optimizer steps done.
     """
 
     def __init__(self, cfg: RunConfig, chunks: list[nn.Module], optimizer: Any, lr_scheduler: Any,
                  accum: int) -> None:
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core import parallel_state as ps  # megatron-core is heavy: only megatron runs load it
 
-        from mora_dist.training.zero_state import MegatronMPU
+        # megatron-core is heavy: loaded only where megatron is used
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.cfg, self.optimizer, self.lr_scheduler = cfg, optimizer, lr_scheduler
         self.module = nn.ModuleList(chunks)
         self.accum, self.global_steps, self.grad_norm = accum, 0, None
-        self.mpu = MegatronMPU()
-        self.device = build.device()
+        self.mpu = MegatronMPU(ps)
+        self.device = device()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
         self.is_last_stage = ps.is_pipeline_last_stage()
@@ -122,8 +126,6 @@ class NativeEngine:
 
     def train_step(self, batches: list[torch.Tensor]) -> list[float]:
         """One optimizer step over ``batches`` (the step's micro-batches); returns their losses."""
-        from mora_dist.parallel import finalize_model_grads
-
         for chunk in self.module:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -153,7 +155,7 @@ class NativeEngine:
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool = False):
         """Every rank writes ``<save_dir>/<tag>/rank_<r>.pt``; rank 0 adds ``layout.json``. Collective."""
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # megatron-core is heavy: only megatron runs load it
 
         folder = Path(save_dir) / tag
         if dist.get_rank() == 0:
@@ -161,9 +163,9 @@ class NativeEngine:
         dist.barrier()
         where = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                  ps.get_data_parallel_rank())
-        layout = pipeline.all_gather(where, dist.group.WORLD)
+        layout = all_gather(where, dist.group.WORLD)
         state = {
-            "model": pipeline.global_state_dict(self.module), "optimizer": self._optimizer_state(),
+            "model": global_state_dict(self.module), "optimizer": self._optimizer_state(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "global_steps": self.global_steps, "client_state": client_state,
         }
@@ -184,7 +186,7 @@ class NativeEngine:
         folder = Path(load_dir) / tag
         _check_layout(folder, self.cfg)
         state = torch.load(folder / _rank_file(dist.get_rank()), map_location="cpu", weights_only=False)
-        pipeline.load_global_state_dict(self.module, state["model"])
+        load_global_state_dict(self.module, state["model"])
         for opt, saved in zip(_optimizers(self.optimizer), state["optimizer"], strict=True):
             opt.optimizer.load_state_dict(saved["inner"])
             mains = [p for g in opt.optimizer.param_groups for p in g["params"]]
@@ -226,9 +228,7 @@ class NativeBackend:
     """megatron-core DDP, optimizer and pipeline schedule (no DeepSpeed)."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from megatron.core import parallel_state
-
-        from mora_dist.run.megatron import init_model_parallel
+        from megatron.core import parallel_state  # megatron-core is heavy: only megatron runs load it
 
         m = cfg.model
         init_model_parallel(m.tensor_model_parallel_size, cfg.training.seed, pp=m.pipeline_model_parallel_size,
@@ -238,12 +238,12 @@ class NativeBackend:
         self.dp_group = parallel_state.get_data_parallel_group()
 
     def build(self, cfg: RunConfig, vocab_size: int, eos_token_id: int, accum: int):
+        # megatron-core is heavy: only megatron runs load it
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        # megatron-core is heavy: loaded only where megatron is used
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
-
-        from mora_dist.model import trainable_summary
-        from mora_dist.run.megatron import build_gpt_chunks
 
         m, o, t = cfg.model, cfg.optimizer, cfg.training
         chunks = build_gpt_chunks(cfg, vocab_size)
@@ -265,9 +265,9 @@ class NativeBackend:
             use_distributed_optimizer=o.use_distributed_optimizer, clip_grad=t.max_grad_norm,
         )
         optimizer = get_megatron_optimizer(opt_config, wrapped)
-        scheduler = build.scheduler_factory(cfg)(_torch_optimizer(optimizer))
+        scheduler = scheduler_factory(cfg)(_torch_optimizer(optimizer))
         engine = NativeEngine(cfg, wrapped, optimizer, scheduler, accum)
-        return engine, build.build_callbacks(cfg)
+        return engine, build_callbacks(cfg)
 
     def loss(self, engine: NativeEngine, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Evaluation loss of ``input_ids: (b, s)`` through the pipeline, and the predicted-token count."""
@@ -280,9 +280,7 @@ class NativeBackend:
 # ---------------------------------------------------------------- export: every stage's file -> TP = 1
 def read_native_module_states(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[int, list[dict]]:
     """``(tp, [state of TP rank t])``: each TP rank's model state under global names, merged over the pipeline
-    stages of data-parallel rank 0 (what :func:`mora_dist.run.megatron.load_megatron_run_tp1` gathers)."""
-    from mora_dist.run.checkpoint import resume_tag
-
+    stages of data-parallel rank 0 (what :func:`mora_dist.run.megatron.export.load_megatron_run_tp1` gathers)."""
     ckpt = Path(run_dir) / "checkpoints"
     folder = ckpt / (tag or resume_tag(ckpt))
     layout = json.loads((folder / LAYOUT).read_text())

@@ -1,11 +1,5 @@
 """The one interface ReMoRA/ReLoRA use to read and write every copy of a trainable parameter and its optimizer
-state, and the choice of the engine-specific module that implements it.
-
-Two modules implement :class:`OptimizerState` (as module-level functions): :mod:`mora_dist.training.zero_state`
-for plain torch optimizers and DeepSpeed (ZeRO 0-3, ``BF16_Optimizer``) and
-:mod:`mora_dist.training.megatron_state` for megatron-core's optimizers (``FP32Optimizer``,
-``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``, ``ChainedOptimizer``). Each is the only code
-touching its engine's optimizer internals; :func:`backend_for` picks one from the optimizer's type.
+state. Implemented, as module-level functions, by :mod:`.deepspeed` and :mod:`.megatron` of this package.
 
 Values are always *full* (the shape of the module's parameter ``p``, fp32), whatever shard of the master or
 of the moments this rank holds. The functions are collective over the data-parallel group: call them on every
@@ -49,15 +43,3 @@ class OptimizerState(Protocol):
 
     def zeroed_fraction(self, optimizer: Any, params: Sequence[nn.Parameter]) -> float:
         """Fraction of the moment entries of ``params`` that read back as exactly zero."""
-
-
-def backend_for(optimizer: Any) -> OptimizerState:
-    """:mod:`~mora_dist.training.megatron_state` for a megatron-core optimizer, else
-    :mod:`~mora_dist.training.zero_state` (plain torch and DeepSpeed). Imports only the engine in use."""
-    if type(optimizer).__module__.startswith("megatron.core.optimizer"):
-        from mora_dist.training import megatron_state
-
-        return megatron_state
-    from mora_dist.training import zero_state
-
-    return zero_state

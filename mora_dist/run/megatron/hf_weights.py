@@ -16,96 +16,24 @@ Spec: §4.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mora_dist.errors import MoRAConfigError
 from mora_dist.parallel.layouts import partition_ids
+from mora_dist.run.model_shape import GPTShape
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROW_SPLIT = ("linear_qkv", "linear_fc1", "output_layer", "word_embeddings")  # column-parallel / vocab-parallel
 COL_SPLIT = ("linear_proj", "linear_fc2")  # row-parallel
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
 
 
-@dataclass(frozen=True)
-class GPTShape:
-    """What a Llama-shaped ``GPTModel`` and its Hugging Face twin share."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> GPTShape:
-        """Read ``config.json`` of a local Llama / Qwen2 / Mistral checkpoint; refuse what Megatron's Llama spec
-        would compute differently (the message names the field)."""
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise MoRAConfigError(f"model.pretrained={str(path)!r} has no config.json: give a Hugging Face "
-                                  "checkpoint folder (saved with save_pretrained)")
-        c = json.loads(file.read_text())
-        where = f"model.pretrained={str(path)!r}"
-        kind = c.get("model_type")
-        if kind not in SUPPORTED_MODEL_TYPES:
-            raise MoRAConfigError(f"{where}: model_type={kind!r} cannot be imported into the Megatron backend "
-                                  f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use model.backend='hf'")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        problems = {
-            "hidden_act": (c.get("hidden_act", "silu"), "silu"),
-            "rope_type": (rope.get("rope_type", rope.get("type", "default")), "default"),
-            "attention_bias": (bool(c.get("attention_bias", False)), False),
-            "mlp_bias": (bool(c.get("mlp_bias", False)), False),
-            "use_sliding_window": (bool(c.get("use_sliding_window", False)), False),
-        }
-        for field, (value, wanted) in problems.items():
-            if value != wanted:
-                raise MoRAConfigError(f"{where}: {field}={value!r} is not supported by the Megatron backend (needs "
-                                      f"{wanted!r}); train this checkpoint with model.backend='hf'")
-        heads = c["num_attention_heads"]
-        return cls(
-            hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate_size=c["intermediate_size"],
-            vocab_size=c["vocab_size"], rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(c.get("tie_word_embeddings")),
-            qkv_bias=kind == "qwen2",
-        )
-
-    def hf_config(self, max_position_embeddings: int):
-        """The ``transformers`` config of the twin: Qwen2 when q/k/v carry a bias, else Llama."""
-        import transformers
-
-        kwargs = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                      intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                      num_attention_heads=self.num_heads,
-                      num_key_value_heads=self.num_kv_heads, max_position_embeddings=max_position_embeddings,
-                      rope_theta=self.rope_theta, rms_norm_eps=self.norm_eps,
-                      tie_word_embeddings=self.tie_word_embeddings)
-        if self.qkv_bias:
-            return transformers.Qwen2Config(**kwargs)
-        return transformers.LlamaConfig(head_dim=self.head_dim, attention_bias=False, mlp_bias=False, **kwargs)
-
-    def _qkv_split(self) -> tuple[int, list[int]]:
-        per_group = self.num_heads // self.num_kv_heads
-        return self.num_kv_heads, [per_group * self.head_dim, self.head_dim, self.head_dim]
-
-
 def hf_to_megatron(hf: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
     """TP = 1 ``GPTModel`` state dict (local-spec names) from a Hugging Face state dict."""
-    groups, sizes = shape._qkv_split()
+    groups, sizes = shape.qkv_split()
     out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
     if not shape.tie_word_embeddings:
@@ -130,7 +58,7 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, to
 
 def megatron_to_hf(sd: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
     """Hugging Face state dict from a TP = 1 ``GPTModel`` state dict (local- or TE-spec names, merged weights)."""
-    groups, sizes = shape._qkv_split()
+    groups, sizes = shape.qkv_split()
     sd = dict(sd)
     for i in range(shape.num_layers):
         for te_name, local in _TE_NORMS.items():
@@ -194,8 +122,6 @@ def gather_shards(key: str, shards: list[torch.Tensor]) -> torch.Tensor:
 
 def load_hf_into_gpt(model: torch.nn.Module, path: str | Path, shape: GPTShape, *, tp: int, rank: int) -> None:
     """Copy a local Hugging Face checkpoint into this rank's (un-adapted) ``GPTModel`` shard, strictly."""
-    from safetensors.torch import load_file
-
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise MoRAConfigError(f"model.pretrained={str(path)!r} holds no *.safetensors weights: save the checkpoint "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mora_dist.errors import MoRAError
-from mora_dist.training.optimizer_state import MOMENT_KEYS
+from mora_dist.training.optimizer_state.protocol import MOMENT_KEYS
 
 
 class _Copy(NamedTuple):
@@ -56,6 +56,7 @@ def _leaves(optimizer: Any) -> list[Any]:
 
 
 def _kind(leaf: Any) -> str:
+    # megatron-core is heavy: loaded only where megatron is used
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 

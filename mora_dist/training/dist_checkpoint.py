@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mora_dist.errors import MoRAConfigError
-from mora_dist.training import megatron_state
 from mora_dist.training.callbacks import CLIENT_STATE_KEY, CallbackList
+from mora_dist.training.optimizer_state import megatron as megatron_state
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _tensor_keys(entry: Any) -> list[str]:
 def drop_missing_adapter_keys(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike) -> list[str]:
     """Remove from the model's ``sharded_state_dict`` (in place) every adapter entry (``mora_*``) whose tensors
     the checkpoint does not hold; returns the removed state-dict keys. Other entries are left to megatron-core."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # megatron-core is heavy: loaded only where megatron is used
 
     stored = set(dist_checkpointing.load_tensors_metadata(str(checkpoint_dir)))
     dropped = []
@@ -77,7 +77,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
     ``sharded_state_dict``), ``engine.lr_scheduler`` and ``engine.global_steps``, and the callbacks' state, with
     ``dist_checkpointing.save``; atomically (a temporary folder renamed when every rank has written).
     Collective: call on every rank."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # megatron-core is heavy: loaded only where megatron is used
 
     state: dict[str, Any] = {}
     for key, chunk in _chunks(engine.module).items():
@@ -118,7 +118,7 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
     Raises:
         MoRAConfigError: ``callbacks`` given but the checkpoint holds no callback state.
     """
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # megatron-core is heavy: loaded only where megatron is used
 
     path = str(checkpoint_dir)
     common = dist_checkpointing.load_common_state_dict(path)
@@ -153,7 +153,7 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
     if callbacks is not None:
         if "callbacks" not in client_state:
             raise MoRAConfigError(f"checkpoint {path!r} holds no callback state; write it with "
-                                  "mora_dist.parallel.checkpointing.save_checkpoint(..., callbacks)")
+                                  "mora_dist.training.dist_checkpoint.save_checkpoint(..., callbacks)")
         callbacks.load_state_dict(client_state.pop("callbacks"))
         callbacks.on_load(engine, client_state)
     return client_state

@@ -1,8 +1,8 @@
 """Every copy of a trainable parameter and of its optimizer state, under plain torch and DeepSpeed ZeRO 0-3.
 
 The only module that touches DeepSpeed optimizer internals; it implements
-:class:`mora_dist.training.optimizer_state.OptimizerState` (as :mod:`~mora_dist.training.megatron_state` does for
-megatron-core's optimizers). A parameter ``p`` of the module may have:
+:class:`mora_dist.training.optimizer_state.OptimizerState` (as :mod:`.megatron` does for megatron-core's
+optimizers). A parameter ``p`` of the module may have:
 - the module copy (``p.data``; under ZeRO-3 only the partition ``p.ds_tensor``, gathered on demand);
 - an fp32 master (ZeRO-1/2 and ``BF16_Optimizer``: a fragment of a flat partition, reached through
   ``p._hp_mapping``; ZeRO-3: a partition, reached through ``p._z3_optimizer``; ZeRO-0 with bf16: a separate fp32
@@ -18,8 +18,7 @@ Facts of DeepSpeed 0.19 this relies on: ``safe_set_full_*`` under ZeRO-3 slices 
 when ``p.numel()`` is not divisible by the partition count, so ZeRO-3 writes go through ``safe_set_local_*``
 with this rank's padded slice; when an engine that has already stepped loads a checkpoint, ZeRO-1/2/BF16
 re-link ``_hp_mapping`` without the optimizer-state fragments (the setters then fail with a ``TypeError``),
-which :func:`ensure_state_linked` restores. :class:`MegatronMPU` gives DeepSpeed the ``mpu`` it expects over
-megatron-core's ``parallel_state``.
+which :func:`ensure_state_linked` restores.
 
 Spec: §5.
 """
@@ -38,7 +37,7 @@ from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 from torch import nn
 
 from mora_dist.errors import MoRAError
-from mora_dist.training.optimizer_state import MOMENT_KEYS
+from mora_dist.training.optimizer_state.protocol import MOMENT_KEYS
 
 
 def is_zero3(p: torch.Tensor) -> bool:
@@ -202,48 +201,3 @@ def zeroed_fraction(optimizer: Any, params: Sequence[nn.Parameter]) -> float:
                 zeros += int((value == 0).sum())
                 total += value.numel()
     return zeros / total if total else 0.0
-
-
-class MegatronMPU:
-    """DeepSpeed's ``mpu`` interface over ``megatron.core.parallel_state``, which lacks DeepSpeed's
-    ``get_model_parallel_world_size``/``_rank`` names. DeepSpeed's "model parallel" is megatron's tensor x pipeline
-    group. Pass ``deepspeed.initialize(..., mpu=MegatronMPU())`` after ``initialize_model_parallel``. Spec: §4, §5.
-    """
-
-    def __init__(self, parallel_state: Any = None) -> None:
-        if parallel_state is None:
-            from megatron.core import parallel_state
-        self._ps = parallel_state
-
-    def get_model_parallel_group(self) -> Any:
-        return self._ps.get_model_parallel_group()
-
-    def get_model_parallel_world_size(self) -> int:
-        return torch.distributed.get_world_size(self.get_model_parallel_group())
-
-    def get_model_parallel_rank(self) -> int:
-        return torch.distributed.get_rank(self.get_model_parallel_group())
-
-    def get_data_parallel_group(self) -> Any:
-        return self._ps.get_data_parallel_group()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._ps.get_data_parallel_world_size()
-
-    def get_data_parallel_rank(self) -> int:
-        return self._ps.get_data_parallel_rank()
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return torch.distributed.get_process_group_ranks(self.get_data_parallel_group())
-
-    def get_tensor_model_parallel_group(self) -> Any:
-        return self._ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_src_rank()

@@ -1,17 +1,14 @@
-"""Serving formats beside our own adapter files (:mod:`mora_dist.adapter_io`): a standard PEFT LoRA that
-reproduces a MoRA, LoRA, ReMoRA or ReLoRA model exactly, and the MoRA authors' PEFT-fork layout.
+"""A standard PEFT LoRA adapter that reproduces a MoRA, LoRA, ReMoRA or ReLoRA model exactly (for servers that
+load only LoRA).
 
-PEFT LoRA (``peft_type: "LORA"``): for MoRA types 1-4, ``dW = D M C = B A`` with ``A = C: (r_hat, k)`` and
-``B = D M: (d, r_hat)`` (:func:`mora_dist.operators.lora_factors`), scaling 1. Servers read one ``r`` and one
-``lora_alpha``, so every module is zero-padded to the largest rank ``R`` and ``lora_alpha = r = R``. A run of
-merge cycles (ReMoRA, ReLoRA) is one LoRA relative to its starting weights: the cycles' ``A`` rows and ``B``
-columns are concatenated (rank ``sum_c r_hat_c`` plus the live adapter). Where a module's rank would exceed
-``min(d, k)``, its exact dense factorisation is smaller and is written instead: ``A = dW, B = I_d`` (``d <= k``)
-or ``A = I_k, B = dW``; no SVD, nothing truncated. Type 6 (block-rotary ``dW``, rank up to ``min(d, k)``) has no
-low-rank form and is refused before anything is gathered or written.
-
-The authors' format (``use_mora: true``): each module's square matrix under both ``lora_A.weight`` and
-``lora_B.weight``, the LoRA-equivalent ``r`` from which their fork recomputes ``r_hat``.
+For MoRA types 1-4, ``dW = D M C = B A`` with ``A = C: (r_hat, k)`` and ``B = D M: (d, r_hat)``
+(:func:`mora_dist.operators.lora_factors`), scaling 1. Servers read one ``r`` and one ``lora_alpha``, so every
+module is zero-padded to the largest rank ``R`` and ``lora_alpha = r = R``. A run of merge cycles (ReMoRA, ReLoRA)
+is one LoRA relative to its starting weights: the cycles' ``A`` rows and ``B`` columns are concatenated (rank
+``sum_c r_hat_c`` plus the live adapter). Where a module's rank would exceed ``min(d, k)``, its exact dense
+factorisation is smaller and is written instead: ``A = dW, B = I_d`` (``d <= k``) or ``A = I_k, B = dW``; no SVD,
+nothing truncated. Type 6 (block-rotary ``dW``, rank up to ``min(d, k)``) has no low-rank form and is refused before
+anything is gathered or written.
 
 Spec: §2.5, §3.
 """
@@ -26,35 +23,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from mora_dist.adapter_io import PREFIX, _is_rank0, modules_to_save_state, write_adapter_dir
-from mora_dist.config import resolve_mora_type
+from mora_dist.adapters.files import (
+    PREFIX,
+    base_model_name,
+    global_matrices,
+    is_rank0,
+    merge_stages,
+    modules_to_save_state,
+    mora_config,
+    nbytes,
+    parameter_value,
+    saved_module_names,
+    target_modules,
+    write_adapter_dir,
+)
 from mora_dist.errors import MoRAConfigError
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.model import mora_layers
-from mora_dist.operators import compute_r_hat, lora_factors
-from mora_dist.parallel import pipeline
+from mora_dist.operators import lora_factors
+from mora_dist.parallel.chunks import pipeline_group, raise_if_any
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("peft-lora", "mora-authors")
 Factors = list[tuple[torch.Tensor, torch.Tensor]]  # [(A: (r_i, k), B: (d, r_i))], dW = sum_i B_i A_i
-
-
-def _master(optimizer: Any, p: nn.Parameter) -> torch.Tensor | None:
-    """The fp32 master of ``p`` (DeepSpeed or megatron-core optimizer; collective under ZeRO / the distributed
-    optimizer), or ``None`` without an optimizer."""
-    if optimizer is None:
-        return None
-    from mora_dist.training.optimizer_state import backend_for
-
-    return backend_for(optimizer).get_full(optimizer, p)
-
-
-def global_matrices(model: nn.Module, optimizer: Any = None) -> dict[str, torch.Tensor]:
-    """The global fp32 ``M: (r_hat, r_hat)`` of every MoRA layer, from the optimizer's master when given.
-    Collective (tensor-parallel gather, ZeRO reads): call on every rank."""
-    return {name: layer.get_global_M(_master(optimizer, layer.mora_M)).float().cpu()
-            for name, layer in mora_layers(model)}
 
 
 def _refuse_rope(types: Mapping[str, int], where: str) -> None:
@@ -65,6 +56,7 @@ def _refuse_rope(types: Mapping[str, int], where: str) -> None:
             "rank up to min(d, k) and no exact LoRA form; export the merged model instead (launch/export.py "
             "without --adapter-only, or merge_mora then save_pretrained)"
         )
+
 
 
 def cycle_factors(cycles: Sequence[Mapping[str, Any]], shapes: Mapping[str, tuple[int, int]]) -> dict[str, Factors]:
@@ -97,6 +89,7 @@ def cycle_factors(cycles: Sequence[Mapping[str, Any]], shapes: Mapping[str, tupl
     return out
 
 
+
 def live_factors(model: nn.Module, optimizer: Any = None) -> dict[str, Factors]:
     """LoRA factors of the model's live adapters: MoRA types 1-4, or LoRA (``A``, ``scaling * B``). Collective.
 
@@ -112,13 +105,9 @@ def live_factors(model: nn.Module, optimizer: Any = None) -> dict[str, Factors]:
     lora = dict(lora_layers(model))
     if not lora:
         raise MoRAConfigError("peft-lora export: the model has no MoRA or LoRA layers (apply_mora / apply_lora)")
-    return {name: [(_value(layer.lora_A, optimizer), _value(layer.lora_B, optimizer) * layer.scaling)]
-            for name, layer in lora.items()}
+    return {name: [(parameter_value(layer.lora_A, optimizer),
+                    parameter_value(layer.lora_B, optimizer) * layer.scaling)] for name, layer in lora.items()}
 
-
-def _value(p: nn.Parameter, optimizer: Any) -> torch.Tensor:
-    master = _master(optimizer, p)
-    return (p if master is None else master).detach().float().cpu()
 
 
 def combine(factors: Factors) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -136,6 +125,7 @@ def combine(factors: Factors) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return torch.eye(k), delta, True
 
 
+
 def _pad(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     missing = rank - t.shape[dim]
     if missing == 0:
@@ -145,27 +135,6 @@ def _pad(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def target_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """PEFT ``target_modules`` for exactly ``names``: their last components when those select no other
-    ``nn.Linear`` of the model (what servers expect), else the full module names."""
-    short = sorted({name.rpartition(".")[2] for name in names})
-    chosen = set(names)
-    inner = {f"{name}.base_layer" for name in names}
-    for name, module, _, _ in pipeline.named_modules(model):
-        if name in chosen or name in inner or not isinstance(module, nn.Linear):
-            continue
-        if name.rpartition(".")[2] in short:
-            return sorted(names)
-    return short
-
-
-def _base_name(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-
-def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
 
 def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
                     cycles: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Factors]:
@@ -174,24 +143,17 @@ def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
     Raises:
         MoRAConfigError: a type-6 layer or cycle, before any collective.
     """
-    group = pipeline.pipeline_group(model)
+    group = pipeline_group(model)
     problems = []
     try:  # every stage checks its own layers; all refuse together, before any collective
         past = cycle_factors(cycles, _shapes(model)) if cycles else {}
         _refuse_rope({name: layer.mora_type for name, layer in mora_layers(model)}, "peft-lora export")
     except MoRAConfigError as exc:
         problems.append(str(exc))
-    pipeline.raise_if_any(problems, group, MoRAConfigError, "")
+    raise_if_any(problems, group, MoRAConfigError, "")
     terms = live_factors(model, optimizer)
-    return _merge_stages({name: past.get(name, []) + live for name, live in terms.items()}, group)
+    return merge_stages({name: past.get(name, []) + live for name, live in terms.items()}, group)
 
-
-def _merge_stages(values: dict[str, Any], group: Any) -> dict[str, Any]:
-    """The union of every pipeline stage's ``{global module name: value}`` (every stage receives it)."""
-    merged: dict[str, Any] = {}
-    for part in pipeline.all_gather(values, group):
-        merged.update(part)
-    return merged
 
 
 def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, model: nn.Module,
@@ -209,13 +171,14 @@ def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, mo
         state[f"{PREFIX}{name}.lora_B.weight"] = _pad(B, rank, 1)
     state.update(extra)
     values = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": _base_name(model), "inference_mode": True,
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name(model),
+        "inference_mode": True,
         "r": rank, "lora_alpha": rank, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "target_modules": target_modules(model, list(terms)), "modules_to_save": list(modules_to_save) or None,
     }
     write_adapter_dir(path, values, state)
-    report = {"rank": rank, "bytes": _nbytes(state), "mora_bytes": mora_bytes,
+    report = {"rank": rank, "bytes": nbytes(state), "mora_bytes": mora_bytes,
               "dense_modules": sorted(name for name, (_, _, dense) in combined.items() if dense)}
     logger.info("peft-lora adapter %s: rank %d, %.2f MB of tensors%s%s", path, rank, report["bytes"] / 1e6,
                 "" if mora_bytes is None else f" (the MoRA file: {mora_bytes / 1e6:.2f} MB, "
@@ -223,6 +186,7 @@ def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, mo
                 f"; {len(report['dense_modules'])} module(s) written dense (rank > min(d, k))"
                 if report["dense_modules"] else "")
     return report
+
 
 
 def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any = None,
@@ -250,31 +214,24 @@ def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any 
     Spec: §2.5.
     """
     terms = peft_lora_terms(model, optimizer=optimizer, cycles=cycles)
-    config = _mora_config(model)
+    config = mora_config(model)
     names = modules_to_save if modules_to_save is not None else getattr(config, "modules_to_save", None)
     extra = modules_to_save_state(model, names)
-    if not _is_rank0():
+    if not is_rank0():
         return {}
     mora_bytes = None
     if config is not None:
         mora_bytes = sum(4 * A.shape[0] ** 2 for A, _ in (factors[-1] for factors in terms.values()))
-        mora_bytes += _nbytes(extra)
-    return write_peft_lora(path, terms, model=model, extra=extra, modules_to_save=_module_names(extra),
+        mora_bytes += nbytes(extra)
+    return write_peft_lora(path, terms, model=model, extra=extra, modules_to_save=saved_module_names(extra),
                            dropout=_dropout(model), mora_bytes=mora_bytes)
 
-
-def _mora_config(model: Any) -> Any:
-    return getattr(pipeline.model_chunks(model)[0], "mora_config", None)
-
-
-def _module_names(extra: Mapping[str, torch.Tensor]) -> list[str]:
-    """The modules holding the ``modules_to_save`` tensors (PEFT wraps each and reads ``<module>.<param>``)."""
-    return sorted({key[len(PREFIX):].rpartition(".")[0] for key in extra})
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     layers = dict(mora_layers(model)) or dict(lora_layers(model))
     return {name: _features(layer) for name, layer in layers.items()}
+
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:
@@ -283,67 +240,10 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+
 def _dropout(model: nn.Module) -> float:
-    config = _mora_config(model)
+    config = mora_config(model)
     if config is not None:
         return float(config.dropout)
     rates = {float(getattr(layer.lora_dropout, "p", 0.0)) for _, layer in lora_layers(model)}
     return rates.pop() if len(rates) == 1 else 0.0
-
-
-def save_mora_authors(model: nn.Module, path: str | os.PathLike, *, optimizer: Any = None) -> dict[str, Any]:
-    """Write the adapter as the MoRA authors' PEFT fork loads it: ``peft_type: "LORA"``, ``use_mora: true``,
-    ``mora_type``, ``r`` and each global matrix under both ``lora_A.weight`` and ``lora_B.weight``. Collective.
-
-    Raises:
-        MoRAConfigError: layers of different types, or an ``r_hat`` the fork would not recompute from one ``r``
-            (an explicit ``r_hat``); nothing is written.
-
-    Spec: §2.5.
-    """
-    config = _mora_config(model)
-    layers = dict(mora_layers(model))
-    if config is None or not layers:
-        raise MoRAConfigError("mora-authors export: the model has no MoRA layers (apply_mora or load_mora first)")
-    types = {layer.mora_type for layer in layers.values()}
-    if len(types) != 1:
-        raise MoRAConfigError(f"mora-authors export: the layers use types {sorted(types)}, the authors' config holds "
-                              "one mora_type; export format='mora' or 'peft-lora'")
-    mora_type = types.pop()
-    problems = []
-    for name, layer in layers.items():
-        expected = compute_r_hat(layer.in_features, layer.out_features, config.r, mora_type)
-        if layer.r_hat != expected:
-            problems.append(
-                f"mora-authors export: layer {name!r} has r_hat={layer.r_hat}, but the authors' fork recomputes "
-                f"r_hat={expected} from r={config.r} (their config has no r_hat); export format='mora' or 'peft-lora'"
-            )
-    group = pipeline.pipeline_group(model)
-    pipeline.raise_if_any(problems, group, MoRAConfigError, "")
-    matrices = _merge_stages(global_matrices(model, optimizer), group)
-    extra = modules_to_save_state(model)
-    if not _is_rank0():
-        return {}
-    state: dict[str, torch.Tensor] = {}
-    for name, M in matrices.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = M
-        state[f"{PREFIX}{name}.lora_B.weight"] = M.clone()  # one tensor under two names: safetensors wants two
-    state.update(extra)
-    values = {
-        "peft_type": "LORA", "use_mora": True, "mora_type": resolve_mora_type(mora_type), "r": config.r,
-        "lora_alpha": config.r, "lora_dropout": float(config.dropout), "bias": "none", "task_type": None,
-        "target_modules": target_modules(model, list(layers)), "inference_mode": True,
-        "modules_to_save": _module_names(extra) or None,
-        "base_model_name_or_path": _base_name(model),
-    }
-    write_adapter_dir(path, values, state)
-    return {"bytes": _nbytes(state)}
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, format: str, optimizer: Any = None) -> dict[str, Any]:
-    """``save_mora(format=...)`` for the formats of this module."""
-    if format == "peft-lora":
-        return save_peft_lora(model, path, optimizer=optimizer)
-    if format == "mora-authors":
-        return save_mora_authors(model, path, optimizer=optimizer)
-    raise MoRAConfigError(f"format={format!r} is not one of ('mora', {', '.join(map(repr, FORMATS))})")

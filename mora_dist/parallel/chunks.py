@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mora_dist.errors import MoRAConfigError
+from mora_dist.parallel.layouts import partition_ids
 
 _LAYER_LIST = re.compile(r"^(.*\.)?layers\.(\d+)$")
 _WRAPPERS = ("DistributedDataParallel", "Float16Module", "TorchFullyShardedDataParallel", "FullyShardedDataParallel")
@@ -189,8 +190,6 @@ def sum_over(values: list[int], group: dist.ProcessGroup | None) -> list[int]:
 def global_param(param: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """The TP = 1 value of a parameter: megatron's tensor-parallel shards (``tensor_model_parallel``, split along
     ``partition_dim`` in ``partition_stride`` chunks per rank) all-gathered; a replicated one as it is. CPU."""
-    from mora_dist.parallel.layouts import partition_ids
-
     local = param.detach()
     if group is None or not getattr(param, "tensor_model_parallel", False):
         return local.cpu()
@@ -206,8 +205,6 @@ def global_param(param: torch.Tensor, group: dist.ProcessGroup | None) -> torch.
 
 def local_param(value: torch.Tensor, param: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """This rank's shard of the TP = 1 ``value`` of ``param`` (inverse of :func:`global_param`)."""
-    from mora_dist.parallel.layouts import partition_ids
-
     if group is None or not getattr(param, "tensor_model_parallel", False):
         return value
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)

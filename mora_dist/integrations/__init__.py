@@ -1,0 +1,1 @@
+"""Recipes for other training codebases: :mod:`.megatron_lm` (Megatron-LM's ``pretrain()``)."""
