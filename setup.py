@@ -23,6 +23,8 @@ setup(
         # tokenizers trains the tiny BPE used by tests and the tiny config; matplotlib draws the result plots.
         # accelerate: transformers.Trainer needs it (tests of the Trainer callback adapter).
         # peft: the serving exports are proven by loading them with the real PeftModel (library code never imports it).
-        "test": ["pytest>=7", "tokenizers>=0.15", "matplotlib>=3.7", "accelerate>=1.1", "peft>=0.21"],
+        # import-linter: CI checks the layer order of the package (pyproject.toml [tool.importlinter]).
+        "test": ["pytest>=7", "tokenizers>=0.15", "matplotlib>=3.7", "accelerate>=1.1", "peft>=0.21",
+                 "import-linter>=2.17"],
     },
 )
