@@ -48,6 +48,11 @@ class ModelSection(_Section):
 
     backend: Literal["hf", "megatron"] = "hf"
     pretrained: str | None = None
+    # new Hugging Face models only: a dense Llama, or a mixture of experts (Mixtral, Qwen3-MoE)
+    architecture: Literal["llama", "mixtral", "qwen3_moe"] = "llama"
+    num_experts: int | None = Field(default=None, gt=1)
+    num_experts_per_tok: int | None = Field(default=None, gt=0)
+    router_aux_loss_coef: float = Field(default=0.001, ge=0.0)
     hidden_size: int | None = Field(default=None, gt=0)
     num_layers: int | None = Field(default=None, gt=0)
     num_heads: int | None = Field(default=None, gt=0)
@@ -64,13 +69,15 @@ class ModelSection(_Section):
     gradient_checkpointing: bool = False
 
     def arch(self) -> dict[str, int]:
-        """Architecture with defaults filled in (new models only)."""
+        """Architecture with defaults filled in (new models only; experts: 8, top-2, as Mixtral)."""
         return {
             "hidden_size": self.hidden_size or 768,
             "num_layers": self.num_layers or 24,
             "num_heads": self.num_heads or 16,
             "num_kv_heads": self.num_kv_heads or self.num_heads or 16,
             "intermediate_size": self.intermediate_size or 2560,
+            "num_experts": self.num_experts or 8,
+            "num_experts_per_tok": self.num_experts_per_tok or 2,
         }
 
 
@@ -244,11 +251,25 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
     if cfg.scheduler.name == "jagged_cosine" and cfg.remora is None and cfg.relora is None:
         out.append("scheduler.name='jagged_cosine' restarts at merges, but neither remora nor relora is set: "
                    "use 'cosine' or add a remora section")
+    moe_fields = [k for k in ("num_experts", "num_experts_per_tok") if getattr(m, k) is not None]
+    if m.architecture == "llama" and moe_fields:
+        out.append(f"model.{moe_fields[0]} is set but model.architecture='llama' has no experts: set "
+                   "model.architecture to 'mixtral' or 'qwen3_moe', or remove it")
+    if m.architecture != "llama" and m.backend != "hf":
+        out.append(f"model.architecture={m.architecture!r} (mixture of experts) trains on model.backend='hf' only; "
+                   "the megatron backend builds dense GPT models")
+    if m.architecture != "llama" and m.pretrained is None:
+        a = m.arch()
+        if a["num_experts_per_tok"] > a["num_experts"]:
+            out.append(f"model.num_experts_per_tok={a['num_experts_per_tok']} exceeds model.num_experts="
+                       f"{a['num_experts']}: route each token to at most num_experts experts")
     if m.pretrained is not None:
         if check_paths:
             _check_path(out, "model.pretrained", m.pretrained, "a local Hugging Face checkpoint folder", want_dir=True)
-        given = [k for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-                 if getattr(m, k) is not None]
+        given = [k for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                             "num_experts", "num_experts_per_tok") if getattr(m, k) is not None]
+        if m.architecture != "llama":
+            given.insert(0, "architecture")
         if given:
             out.append(f"model.{given[0]}={getattr(m, given[0])} is read from model.pretrained={m.pretrained!r}: "
                        f"remove {', '.join('model.' + g for g in given)}")

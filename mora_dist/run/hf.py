@@ -26,8 +26,29 @@ from mora_dist.run.distributed import device
 logger = logging.getLogger(__name__)
 
 
+def new_model_config(cfg: RunConfig, vocab_size: int, eos_token_id: int) -> transformers.PretrainedConfig:
+    """The ``transformers`` config of a new model from the model section: a Llama, or a mixture of experts
+    (Mixtral, Qwen3-MoE: ``intermediate_size`` per expert, the router's load-balancing loss added to the
+    training loss with weight ``router_aux_loss_coef``)."""
+    m, a = cfg.model, cfg.model.arch()
+    common = dict(
+        vocab_size=vocab_size, hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=a["num_kv_heads"],
+        max_position_embeddings=cfg.data.seq_len, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+    )
+    if m.architecture == "llama":
+        return transformers.LlamaConfig(**common)
+    moe = dict(num_experts_per_tok=a["num_experts_per_tok"], output_router_logits=True,
+               router_aux_loss_coef=m.router_aux_loss_coef)
+    if m.architecture == "mixtral":
+        return transformers.MixtralConfig(**common, **moe, num_local_experts=a["num_experts"], sliding_window=None)
+    return transformers.Qwen3MoeConfig(**common, **moe, num_experts=a["num_experts"],
+                                       moe_intermediate_size=a["intermediate_size"])
+
+
 def build_hf_model(cfg: RunConfig, vocab_size: int, eos_token_id: int) -> nn.Module:
-    """A Llama from the model section (or the local checkpoint ``model.pretrained``) with the adapters applied.
+    """A new model from the model section (or the local checkpoint ``model.pretrained``), adapters applied.
 
     Seeded by ``training.seed`` so every rank builds the same initial weights.
     """
@@ -38,15 +59,8 @@ def build_hf_model(cfg: RunConfig, vocab_size: int, eos_token_id: int) -> nn.Mod
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
     else:
-        a = m.arch()
-        config = transformers.LlamaConfig(
-            vocab_size=vocab_size, hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
-            num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"],
-            num_key_value_heads=a["num_kv_heads"], max_position_embeddings=cfg.data.seq_len,
-            rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
-            bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-        )
-        model = transformers.LlamaForCausalLM(config).to(TORCH_DTYPES[m.dtype])
+        model = transformers.AutoModelForCausalLM.from_config(new_model_config(cfg, vocab_size, eos_token_id))
+        model = model.to(TORCH_DTYPES[m.dtype])
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return apply_adapters(cfg, model)
