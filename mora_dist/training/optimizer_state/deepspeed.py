@@ -109,7 +109,11 @@ def _torch_moment(optimizer: Any, p: nn.Parameter, key: str) -> torch.Tensor | N
 def _z3_local_slice(p: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
     """This rank's padded slice of the full ``value`` (the layout of ``p.ds_tensor``)."""
     part = p.ds_tensor.numel()
-    rank = p._z3_optimizer._get_param_partition_rank(p)
+    optimizer = p._z3_optimizer
+    if hasattr(optimizer, "_get_param_partition_rank"):  # newer DeepSpeed: a partition group per parameter
+        rank = optimizer._get_param_partition_rank(p)
+    else:  # older DeepSpeed (0.16-0.18) partitions every parameter over the data-parallel group
+        rank = torch.distributed.get_rank(group=optimizer.dp_process_group)
     flat = value.detach().flatten().float()
     padded = torch.zeros(part * (rank + 1), dtype=flat.dtype, device=flat.device)
     n = min(flat.numel(), padded.numel())
