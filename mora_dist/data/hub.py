@@ -65,12 +65,11 @@ def check_hub(cfg, *, timeout_s: float = TIMEOUT_S) -> None:
     refs = hub_refs(cfg)
     if not refs:
         return
-    from huggingface_hub import HfApi, is_offline_mode  # only hub sources need the hub client
-
     # only hub sources need the hub client
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-    if is_offline_mode():
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE as the client read it (is_offline_mode() is newer than 0.36)
         raise HubUnavailableError(_offline_message(refs, "HF_HUB_OFFLINE=1"))
     api = HfApi()
     problems = []
