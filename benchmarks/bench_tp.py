@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 import warnings
@@ -38,6 +37,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from mora_dist.run.distributed import free_port
 
 COLLECTIVES = (
     "all_reduce",
@@ -105,12 +106,6 @@ class CommCounter:
     def reset(self) -> None:
         self.calls.clear()
         self.bytes.clear()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layers(args: argparse.Namespace) -> dict[str, tuple[str, int, int, int]]:
@@ -257,7 +252,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 def run(world: int, args: argparse.Namespace) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -4,7 +4,7 @@
 #   2. training throughput and peak memory of full-rank / LoRA / MoRA / ReMoRA (bench_train.py, bf16, ZeRO-2);
 #   3. 30 steps of configs/remora_250m.json (the paper's 250M shape) on the shipped corpus, with 3 ReMoRA merges;
 #   4. MoRA on megatron's real Transformer Engine layers (issue 11): the real-TE cases of
-#      tests/test_parallel_te_layers.py (-k real_te: TP = 1 on one GPU, TP = 2 needs two; the stand-in cases are
+#      tests/integration/test_parallel_te.py (-k real_te: TP = 1 on one GPU, TP = 2 needs two; the stand-in cases are
 #      for CPU-only hosts). They need transformer_engine and megatron-core importable, and -rs prints why a case
 #      skipped. This script does not install TE: the machine reaches no package registry, TE's core wheel
 #      (transformer-engine-cu13 2.20.2) is 276 MB, more than a run can carry, and transformer-engine-torch is
@@ -34,5 +34,5 @@ timeout 180 python -m torch.distributed.run --standalone --nproc_per_node 1 laun
   --set training.output_dir=/tmp/remora_250m --set remora.merge_every=10 \
   --set scheduler.warmup_steps=5 --set scheduler.restart_warmup_steps=2 "$@" 2>&1 | tee "$OUT/remora_250m_h200.txt"
 
-timeout 300 python -m pytest tests/test_parallel_te_layers.py -q -rs -k real_te -p no:cacheprovider 2>&1 \
+timeout 300 python -m pytest tests/integration/test_parallel_te.py -q -rs -k real_te -p no:cacheprovider 2>&1 \
   | tee "$OUT/te_layers_h200.txt"
