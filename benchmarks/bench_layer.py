@@ -1,4 +1,4 @@
-"""Layer benchmark (issue 2): a frozen ``nn.Linear`` against LoRA and MoRA types 1 and 6 on the same base.
+"""Layer benchmark : a frozen ``nn.Linear`` against LoRA and MoRA types 1 and 6 on the same base.
 
 For every shape ``(in, out)`` and dtype it times, side by side in one run and round-robin per repeat (so that
 noise from other processes hits every variant alike): the forward (autograd on), the forward + backward with an
@@ -11,7 +11,7 @@ The pairs are fair by parameter count: MoRA at rank ``r`` has ``r_hat^2 ~ (k + d
 
 Usage::
 
-    python benchmarks/bench_layer.py                               # issue 2's full grid on CPU, 2 threads
+    python benchmarks/bench_layer.py                               # the full grid on CPU, 2 threads
     python benchmarks/bench_layer.py --device cuda --threads 0     # the same on a GPU
     python benchmarks/bench_layer.py --tokens 64 --shapes 96x80 --ranks 8 --repeats 2 --dtypes fp32
 

@@ -1,4 +1,4 @@
-"""Tensor-parallel benchmark (issue 3): communication and step time of MoRA vs a Megatron-Bridge-style LoRA.
+"""Tensor-parallel benchmark: communication and step time of MoRA vs a Megatron-Bridge-style LoRA.
 
 For each Megatron target (``linear_qkv``, ``linear_proj``, ``linear_fc1`` gated, ``linear_fc2``) it runs one
 training step (forward, backward, AdamW) of a single real megatron-core layer over gloo and counts every

@@ -11,7 +11,7 @@ Commands::
     python benchmarks/bench_train.py --hidden 1024 --layers 8 --seq 1024 --batch 8 --steps 50   # on a GPU
     python benchmarks/bench_train.py --json bench_train.json
 
-Goal (issue 5): MoRA and ReMoRA at >= 0.95x LoRA's tokens/s, and faster than full-rank training.
+Goal: MoRA and ReMoRA at >= 0.95x LoRA's tokens/s, and faster than full-rank training.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Continual pretraining (issue 14): how much new-domain knowledge each method takes in, and how much of the old
+"""Continual pretraining: how much new-domain knowledge each method takes in, and how much of the old
 domain it forgets.
 
 Base: the evidence model (a character-level Llama, hidden 192, 4 layers, SwiGLU 512) pretrained full-rank on the

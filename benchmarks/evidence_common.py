@@ -1,4 +1,4 @@
-"""Shared parts of the evidence experiments (issue 6): corpus, character tokenizer, a tiny Llama, the five
+"""Shared parts of the evidence experiments: corpus, character tokenizer, a tiny Llama, the five
 training methods, restarts (ReLoRA/ReMoRA), spectra of ``W - W0``, deterministic JSON and plots.
 
 Everything runs in one process on CPU (or one GPU with ``--device cuda``) with a fixed thread count, seeded

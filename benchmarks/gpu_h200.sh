@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU figures for the README (issue 6), in one short run on one CUDA GPU, from the repository root:
-#   1. the layer benchmark (issue 2) in bf16 and fp32;
+# GPU figures for the README, in one short run on one CUDA GPU, from the repository root:
+#   1. the layer benchmark in bf16 and fp32;
 #   2. training throughput and peak memory of full-rank / LoRA / MoRA / ReMoRA (bench_train.py, bf16, ZeRO-2);
 #   3. 30 steps of configs/remora_250m.json (the paper's 250M shape) on the shipped corpus, with 3 ReMoRA merges;
-#   4. MoRA on megatron's real Transformer Engine layers (issue 11): the real-TE cases of
+#   4. MoRA on megatron's real Transformer Engine layers: the real-TE cases of
 #      tests/integration/test_parallel_te.py (-k real_te: TP = 1 on one GPU, TP = 2 needs two; the stand-in cases are
 #      for CPU-only hosts). They need transformer_engine and megatron-core importable, and -rs prints why a case
 #      skipped. This script does not install TE: the machine reaches no package registry, TE's core wheel

@@ -1,4 +1,4 @@
-"""Memorisation of new knowledge (issue 6): the paper's UUID key -> value task, scaled down.
+"""Memorisation of new knowledge: the paper's UUID key -> value task, scaled down.
 
 A small character-level Llama (hidden 192, 4 layers, SwiGLU 512) is first pretrained briefly (150 full-rank
 steps) on the shipped corpus; then each method learns ``--pairs`` (64) random ``key:value`` pairs of ``--hex-len``

@@ -1,4 +1,4 @@
-"""Pretraining from scratch (issue 6): full-rank, LoRA, MoRA, ReLoRA and ReMoRA on the shipped Shakespeare corpus,
+"""Pretraining from scratch: full-rank, LoRA, MoRA, ReLoRA and ReMoRA on the shipped Shakespeare corpus,
 same initial weights, same batches, same token budget; the four PEFT methods at the same adapter budget.
 
 The paper's claim (spec §6, 250M on C4): held-out perplexity ReMoRA < MoRA < ReLoRA < LoRA. Here: a 1.8M

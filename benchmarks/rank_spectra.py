@@ -1,4 +1,4 @@
-"""Rank of the learned update (issue 6): spectra of ``W - W0`` per method, and the rank ReMoRA adds per cycle.
+"""Rank of the learned update: spectra of ``W - W0`` per method, and the rank ReMoRA adds per cycle.
 
 Three parts, one JSON and two PNGs:
 

@@ -1,4 +1,4 @@
-"""Cost (issue 6): the layer, tensor-parallel and training benchmarks gathered into one results table.
+"""Cost: the layer, tensor-parallel and training benchmarks gathered into one results table.
 
 Reads the JSON files the benchmarks write (``bench_layer.py --out``, and any other benchmark JSON with a list
 of flat records), and writes ``results_table.md`` (the README's cost tables) and ``results_table.json``.
@@ -10,7 +10,7 @@ benchmark files (training throughput, tensor-parallel timings) are shown as they
 
 Usage::
 
-    python benchmarks/results_table.py --run-layer          # run bench_layer.py (issue 2 grid, CPU time), tabulate
+    python benchmarks/results_table.py --run-layer          # run bench_layer.py (the layer grid, CPU time), tabulate
     python benchmarks/bench_tp.py --out benchmarks/results/bench_tp.json           # then, optionally:
     python benchmarks/bench_train.py --json benchmarks/results/bench_train.json
     python benchmarks/results_table.py                       # tabulates every JSON found in benchmarks/results/
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evidence_common as ev  # noqa: E402
 
-# Issue 2's grid, timed in process CPU time on one thread: robust to other jobs on a shared CPU.
+# The layer grid, timed in process CPU time on one thread: robust to other jobs on a shared CPU.
 LAYER_GRID = "--repeats 5 --warmup 1 --threads 1 --clock cpu --dtypes fp32,bf16"
 
 

@@ -1,4 +1,4 @@
-"""The evidence scripts (issue 6) at toy sizes, so that they cannot rot: each runs end to end through its CLI
+"""The evidence scripts at toy sizes, so that they cannot rot: each runs end to end through its CLI
 parser, writes its JSON and PNGs, reproduces its JSON exactly when rerun with the same seed, and its figures obey
 the structure the README relies on (equal budgets, rank bounds of each method, restarts at the right steps)."""
 

@@ -299,7 +299,7 @@ def test_tp2_pp2_bf16_training_through_merges_matches_tp1_pp1(results):
     hence 1 +- 0.1; later steps see weights that have drifted apart in bf16 (measured ratios 0.84-1.02), hence a
     factor 1.5, which a doubled or missing data- or tensor-parallel reduction still breaks (2x, or 4x at DP = 4).
     Under fp32 M the distributed optimizer's main shards are views of M, so a merge cannot leave a stale master
-    here (the bf16-M case is tests/test_training_megatron_state.py's)."""
+    here (the bf16-M case is tests/integration/test_training_optimizer_state_megatron.py's)."""
     ref, got = results[0]["bf16_tp1pp1"], results[0]["bf16_tp2pp2"]
     assert got["dtypes"] == ref["dtypes"] == ["torch.bfloat16", "torch.float32"]  # M fp32, base bf16
     assert got["merges"] == ref["merges"] == [1.0, 2.0, 1.0]

@@ -4,7 +4,7 @@ TP = 1, and TP = 1 against a dense float64 reference, for every type on every TE
 Two backends, one launch per (TP size, backend): the stand-ins of ``tests/te_standins.py`` on CPU over gloo, and
 megatron's real TE wrappers (test id ``real_te``) on one CUDA GPU per rank over NCCL, where ``transformer_engine``
 imports and enough GPUs are visible; otherwise those cases are skipped with what is missing. The real-TE cases
-alone: ``pytest tests/test_parallel_te_layers.py -k real_te -rs`` (``benchmarks/gpu_h200.sh`` runs them).
+alone: ``pytest tests/integration/test_parallel_te.py -k real_te -rs`` (``benchmarks/gpu_h200.sh`` runs them).
 Spec: §4.
 """
 

@@ -61,7 +61,7 @@ def test_eval_shard_splits_blocks_over_ranks_and_pads_to_equal_batch_counts():
         assert {len(s) for s in shares} == {1} and sum(real for s in shares for _, real in s) == 2
 
 
-# --- streaming sources split over data-parallel ranks (issue 13, item 1) -------------------------------------------
+# --- streaming sources split over data-parallel ranks -------------------------------------------
 
 def _stream_cfg(tmp_path, **source):
     from mora_dist.run.config import validate_run_config
