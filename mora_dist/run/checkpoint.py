@@ -211,4 +211,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             state.update(load_file(str(f)))
         else:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
+    bad = sorted(k for k, v in state.items()
+                 if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all()))
+    if bad:
+        raise ValueError(f"--state-dict {str(path)!r}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:3]}; "
+                         "the file is not a usable model (regenerate it with DeepSpeed's zero_to_fp32.py)")
     return state

@@ -41,6 +41,18 @@ def saved_dp_size(tag_dir: str | os.PathLike) -> int | None:
     return len(ranks) or None
 
 
+# The oldest DeepSpeed whose universal checkpoint resumes our runs on the same curve (the test suite's version;
+# 0.16.0 continued with a different loss).
+UNIVERSAL_MIN_DEEPSPEED = (0, 19)
+
+
+def _deepspeed_version() -> tuple[int, int]:
+    from deepspeed import __version__  # DeepSpeed is heavy: loaded only when a resume changes the DP size
+
+    major, minor = __version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def check_resume_dp(cfg: RunConfig, ckpt_dir: str | os.PathLike, dp_size: int) -> bool:
     """Whether resuming the latest checkpoint in ``ckpt_dir`` at ``dp_size`` needs the universal checkpoint.
 
@@ -64,6 +76,11 @@ def check_resume_dp(cfg: RunConfig, ckpt_dir: str | os.PathLike, dp_size: int) -
         problems.append("deepspeed.zero_optimization.stage=3: resuming at another data-parallel size is supported "
                         "for ZeRO stages 0, 1 and 2")
     streamed = [s.name for s in cfg.data.sources if cfg.data.streaming and s.format != "megatron"]
+    version = _deepspeed_version()
+    if version < UNIVERSAL_MIN_DEEPSPEED:
+        problems.append(f"deepspeed {'.'.join(map(str, version))}: resuming at another data-parallel size is "
+                        f"tested with deepspeed >= {'.'.join(map(str, UNIVERSAL_MIN_DEEPSPEED))} (older universal "
+                        "checkpoints did not continue the same curve); upgrade deepspeed")
     if streamed:
         problems.append(f"data.streaming=true (sources {streamed}): each rank's position in its part of a stream "
                         "depends on the data-parallel size; resume a streaming run at the size that wrote it")
