@@ -1,9 +1,9 @@
 """Reading and writing every copy of a parameter and its moments under ZeRO 0-3 (real engines, 2 ranks, gloo)."""
 
 import torch
-from tests.integration.test_training_remora import LR, _build_engine, _init, _module_value, _train_step
 
 from tests.helpers.workers import run_workers
+from tests.integration.test_training_remora import LR, _build_engine, _init, _module_value, _train_step
 
 
 def _roundtrip_worker(cases):
