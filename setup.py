@@ -10,10 +10,10 @@ setup(
     packages=find_packages(include=["mora_dist", "mora_dist.*"]),
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
+        "deepspeed>=0.16",  # .ci/floors runs the unit tests on 0.16.0; DP-resharded resume needs 0.19
         "megatron-core>=0.16",
-        "transformers>=4.45",
-        "datasets>=3.0",
+        "transformers>=4.57.6",  # the last 4.x line, tested by .ci/floors (4.45-4.56 lack `dtype=`)
+        "datasets>=3.0",  # .ci/floors tests 3.0.0
         "tensorboard>=2.15",
         "safetensors>=0.4",
         # pydantic validates the launcher's JSON config; deepspeed already requires it.
