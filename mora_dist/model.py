@@ -9,6 +9,7 @@ on some stage.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -29,9 +30,44 @@ from mora_dist.parallel.chunks import (
     tensor_group,
     unmatched_everywhere,
 )
-from mora_dist.targeting import plan_modules_to_save, plan_targets
+from mora_dist.targeting import name_matches, plan_modules_to_save, plan_targets
 
 logger = logging.getLogger(__name__)
+
+
+def _fused_expert_params(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of the 3-D expert parameters a mixture-of-experts block holds directly (transformers 5 keeps
+    experts as ``(E, d, k)`` tensors, e.g. Mixtral's ``gate_up_proj`` / ``down_proj``), or ``[]``."""
+    expert_like = "expert" in type(module).__name__.lower() or any(
+        hasattr(module, a) for a in ("num_experts", "num_local_experts"))
+    if not expert_like or is_candidate(module):
+        return []
+    return [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
+def refuse_unadapted_experts(named: list[tuple[str, nn.Module]], config: MoRAConfig) -> None:
+    """Raise before any change when the targets reach a mixture-of-experts block whose experts are fused 3-D
+    parameters: no wrapper adapts them, and ``"all-linear"`` would otherwise train everything but the experts.
+
+    Raises:
+        MoRAConfigError: names the module path, its class, the parameters and the ``exclude_modules`` fix.
+    """
+    spec, exclude = config.target_modules, config.exclude_modules or []
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    for name, module in named:
+        params = _fused_expert_params(module)
+        if not params or any(name_matches(name, e) for e in exclude):
+            continue
+        reached = spec == "all-linear" or (
+            any(name_matches(name, t) or any(name_matches(f"{name}.{p}", t) for p, _ in params) for t in spec)
+            if isinstance(spec, list) else any(re.fullmatch(spec, f"{name}.{p}") for p, _ in params))
+        if reached:
+            listed = ", ".join(f"{p} {shape}" for p, shape in params)
+            raise MoRAConfigError(
+                f"{name} ({type(module).__qualname__}) holds its experts as fused parameters ({listed}), which MoRA "
+                f"does not adapt yet: target_modules={spec!r} would train the other layers and leave the experts "
+                f"untouched. Add exclude_modules=['*{name.rpartition('.')[2]}'] to adapt the rest without them"
+            )
 
 
 def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: str) -> int:
@@ -70,6 +106,7 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
     index = named_modules(chunks)
     named = [(name, module) for name, module, _, _ in index]
     agree = partial(unmatched_everywhere, group=pipeline_group(chunks))
+    refuse_unadapted_experts(named, config)
     targets = plan_targets(named, config.target_modules, config.exclude_modules, is_candidate,
                            unmatched_everywhere=agree)
     to_save = plan_modules_to_save(named, config.modules_to_save, unmatched_everywhere=agree)
