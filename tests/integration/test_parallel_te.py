@@ -1,7 +1,7 @@
 """MoRA on Transformer Engine linear layers (megatron's TE wrappers): TP = 2 (and sequence parallel) against
 TP = 1, and TP = 1 against a dense float64 reference, for every type on every TE layer kind.
 
-Two backends, one launch per (TP size, backend): the stand-ins of ``tests/te_standins.py`` on CPU over gloo, and
+Two backends, one launch per (TP size, backend): the stand-ins of ``tests/helpers/te_standins.py`` on CPU over gloo, and
 megatron's real TE wrappers (test id ``real_te``) on one CUDA GPU per rank over NCCL, where ``transformer_engine``
 imports and enough GPUs are visible; otherwise those cases are skipped with what is missing. The real-TE cases
 alone: ``pytest tests/integration/test_parallel_te.py -k real_te -rs`` (``benchmarks/gpu_h200.sh`` runs them).
@@ -89,7 +89,7 @@ def _classes(backend: str):
     if backend == "te":
         from megatron.core.extensions import transformer_engine as te
     else:
-        import te_standins as te
+        from tests.helpers import te_standins as te
     return te
 
 
@@ -169,10 +169,10 @@ def _local(case: dict, tp: int, rank: int, X: torch.Tensor, G: torch.Tensor):
 
 def _te_gpt(tp: int):
     """The tiny GPTModel of ``test_parallel_gpt`` built with the TE layer spec (fused norms), not the local one."""
-    import test_parallel_gpt as gpt
     from megatron.core.models.gpt import GPTModel
 
     from tests.helpers import te_standins
+    from tests.integration import test_parallel_gpt as gpt
 
     local = gpt._gpt(tp)  # same config; rebuilt with the TE spec from the same seed
     torch.manual_seed(0)
@@ -183,9 +183,8 @@ def _te_gpt(tp: int):
 def _gpt_run(tp: int, root: str) -> dict:
     """Train the TE-spec GPT with MoRA on the four projections, save (adapter files and dist_checkpointing) at
     TP = 2, load at TP = 1, merge."""
-    import test_parallel_gpt as gpt
-
     from mora_dist import MoRAConfig, apply_mora, load_mora, merge_mora, mora_layers, save_mora
+    from tests.integration import test_parallel_gpt as gpt
 
     out = {}
     config = MoRAConfig(r_hat=8, mora_type=6, target_modules=gpt.TARGETS)
