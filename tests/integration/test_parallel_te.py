@@ -1,7 +1,7 @@
 """MoRA on Transformer Engine linear layers (megatron's TE wrappers): TP = 2 (and sequence parallel) against
 TP = 1, and TP = 1 against a dense float64 reference, for every type on every TE layer kind.
 
-Two backends, one launch per (TP size, backend): the stand-ins of ``tests/helpers/te_standins.py`` on CPU over gloo, and
+Two backends, one launch per (TP size, backend): the stand-ins of ``tests/helpers/te_standins.py`` on CPU (gloo), and
 megatron's real TE wrappers (test id ``real_te``) on one CUDA GPU per rank over NCCL, where ``transformer_engine``
 imports and enough GPUs are visible; otherwise those cases are skipped with what is missing. The real-TE cases
 alone: ``pytest tests/integration/test_parallel_te.py -k real_te -rs`` (``benchmarks/gpu_h200.sh`` runs them).
