@@ -70,7 +70,12 @@ class MoRAConfig:
             ``"mixed_stride"``, ``"rope"``). 6 (RoPE) suits small ranks (r=8), 1 (sharing) large ranks (r=256).
         target_modules: module names (suffix match, ``*`` wildcards), a regex string (full match), or
             ``"all-linear"`` (every linear layer except the output head).
-        exclude_modules: the same forms; matched modules are left alone.
+            Fused expert parameters (``experts.gate_up_proj``) are matched by their own name or their block's
+            (``"experts"``); ``"all-linear"`` includes them and leaves routers (``gate``, ``router``) out.
+        exclude_modules: the same forms; matched modules (and expert parameters) are left alone.
+        target_parameters: PEFT's field for parameters that are not modules: names of fused 3-D expert weights
+            (suffix match, ``*`` wildcards), e.g. ``["experts.gate_up_proj", "experts.down_proj"]``; adapted in
+            addition to ``target_modules`` (which may then be ``None``).
         dropout: dropout applied to the input before compression.
         mora_dtype: dtype of the square matrix and of the adapter's arithmetic (fp32 by default).
         modules_to_save: modules trained fully (embeddings, norms, lm_head for pretraining).
@@ -96,6 +101,7 @@ class MoRAConfig:
     mora_type: int | str = 6
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     dropout: float = 0.0
     mora_dtype: str = "float32"
     modules_to_save: list[str] | None = None
@@ -122,9 +128,16 @@ class MoRAConfig:
         resolve_dtype(self.mora_dtype)
         if isinstance(self.mora_dtype, torch.dtype):
             self.mora_dtype = str(self.mora_dtype).removeprefix("torch.")
-        if self.target_modules is None:
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(
+                    isinstance(t, str) and t for t in self.target_parameters):
+                raise MoRAConfigError(f"target_parameters={self.target_parameters!r} must be a list of parameter "
+                                      "names, e.g. ['experts.gate_up_proj', 'experts.down_proj']")
+            self.target_parameters = list(self.target_parameters)
+        if self.target_modules is None and not self.target_parameters:
             raise MoRAConfigError(
-                "target_modules=None: name the layers to adapt, e.g. ['q_proj', 'v_proj'], a regex, or 'all-linear'"
+                "target_modules=None: name the layers to adapt, e.g. ['q_proj', 'v_proj'], a regex, or 'all-linear' "
+                "(or give target_parameters for fused expert weights)"
             )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

@@ -3,7 +3,8 @@
 Every wrapper class answers the same three questions: ``global_features(base) -> (k, d)`` of its TP = 1 weight,
 ``check(base, name, config, r_hat)`` (raise before anything changes) and ``from_base(base, name, config, r_hat)``.
 megatron-core and Transformer Engine wrappers are imported only when such a layer is present: they import
-megatron-core, which a Hugging Face model never needs. Spec: §2, §4.
+megatron-core, which a Hugging Face model never needs. Fused expert parameters, which are not modules, have
+their own row: :func:`expert_parameters`. Spec: §2, §4.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from mora_dist.experts import fused_projections
 from mora_dist.layer import MoRALayerMixin, MoRALinear
 
 
@@ -83,3 +85,10 @@ def wrapper_class(module: nn.Module, name: str) -> type:
         if dispatcher.matches(module):
             return dispatcher.wrapper_class(module, name)
     raise TypeError(f"{name}: no MoRA wrapper for {type(module).__qualname__}")
+
+
+def expert_parameters(module: nn.Module) -> list[str]:
+    """The fused 3-D expert parameters of ``module`` that :mod:`mora_dist.experts` adapts (each gets a
+    :class:`~mora_dist.experts.MoRAExpertProjection`), or ``[]``: the table's row for parameters that are not
+    modules."""
+    return fused_projections(module)

@@ -38,6 +38,11 @@ class MoRALayerMixin:
     def mora_type(self) -> int:
         return self.operator.mora_type
 
+    @property
+    def global_m_shape(self) -> tuple[int, ...]:
+        """Shape of the global matrix, as adapter files hold it (``(E, r_hat, r_hat)`` for experts)."""
+        return self.r_hat, self.r_hat
+
     def adapter_delta(self, x: torch.Tensor, y: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         """``y + D(M C(dropout(x)))`` for local ``x: (..., k_local)``, ``y: (..., d_local)``; written into ``y``
         when ``inplace`` (pass it only for a fresh base output that nothing else reads)."""

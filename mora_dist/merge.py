@@ -74,10 +74,11 @@ def new_residual(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def fold_layer(layer: nn.Module, delta: torch.Tensor) -> FoldNorms:
+def fold_layer(layer: nn.Module, delta: torch.Tensor, part: int | None = None) -> FoldNorms:
     """Fold ``delta`` into ``layer._base_weight_shard()`` with the layer's compensation buffer
     (``mora_base_residual``, created at the first merge into a bf16/fp16 base when ``layer.merge_compensation``;
     a buffer that exists, e.g. loaded from a checkpoint, is always used so nothing it holds is dropped).
+    ``part``: fold into slice ``part`` of the weight and buffer only (one expert of a fused ``(E, d, k)`` weight).
 
     Raises:
         MoRAError: the buffer's shape differs from the weight's (a checkpoint of another layout).
@@ -90,6 +91,8 @@ def fold_layer(layer: nn.Module, delta: torch.Tensor) -> FoldNorms:
     if residual is not None and residual.shape != weight.shape:
         raise MoRAError(f"{type(layer).__name__}: {RESIDUAL} has shape {tuple(residual.shape)} but the base "
                         f"weight has {tuple(weight.shape)}; load a checkpoint written with the same layout")
+    if part is not None:
+        weight, residual = weight[part], None if residual is None else residual[part]
     return fold_delta(weight, delta, residual)
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from mora_dist.config import MoRAConfig
-from mora_dist.dispatch import is_candidate, wrapper_class
+from mora_dist import experts
+from mora_dist.dispatch import expert_parameters, is_candidate, wrapper_class
 from mora_dist.errors import MoRAConfigError
 from mora_dist.layer import MoRALayerMixin
 from mora_dist.operators import check_r_hat, compute_r_hat
@@ -30,24 +31,16 @@ from mora_dist.parallel.chunks import (
     tensor_group,
     unmatched_everywhere,
 )
-from mora_dist.targeting import name_matches, plan_modules_to_save, plan_targets
+from mora_dist.experts import unknown_expert_params
+from mora_dist.targeting import name_matches, plan_modules_to_save, plan_target_parameters, plan_targets
 
 logger = logging.getLogger(__name__)
 
 
-def _fused_expert_params(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """``(name, shape)`` of the 3-D expert parameters a mixture-of-experts block holds directly (transformers 5 keeps
-    experts as ``(E, d, k)`` tensors, e.g. Mixtral's ``gate_up_proj`` / ``down_proj``), or ``[]``."""
-    expert_like = "expert" in type(module).__name__.lower() or any(
-        hasattr(module, a) for a in ("num_experts", "num_local_experts"))
-    if not expert_like or is_candidate(module):
-        return []
-    return [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
-
-
-def refuse_unadapted_experts(named: list[tuple[str, nn.Module]], config: MoRAConfig) -> None:
-    """Raise before any change when the targets reach a mixture-of-experts block whose experts are fused 3-D
-    parameters: no wrapper adapts them, and ``"all-linear"`` would otherwise train everything but the experts.
+def refuse_unknown_experts(named: list[tuple[str, nn.Module]], config: MoRAConfig) -> None:
+    """Raise before any change when the targets reach a mixture-of-experts block holding 3-D expert parameters
+    that :mod:`mora_dist.experts` does not know (a custom block outside transformers' experts interface):
+    skipping it would train everything but the experts.
 
     Raises:
         MoRAConfigError: names the module path, its class, the parameters and the ``exclude_modules`` fix.
@@ -55,18 +48,25 @@ def refuse_unadapted_experts(named: list[tuple[str, nn.Module]], config: MoRACon
     spec, exclude = config.target_modules, config.exclude_modules or []
     exclude = [exclude] if isinstance(exclude, str) else exclude
     for name, module in named:
-        params = _fused_expert_params(module)
+        params = unknown_expert_params(module)
         if not params or any(name_matches(name, e) for e in exclude):
             continue
-        reached = spec == "all-linear" or (
-            any(name_matches(name, t) or any(name_matches(f"{name}.{p}", t) for p, _ in params) for t in spec)
-            if isinstance(spec, list) else any(re.fullmatch(spec, f"{name}.{p}") for p, _ in params))
+        if spec is None:
+            reached = False
+        elif spec == "all-linear":
+            reached = True
+        elif isinstance(spec, list):
+            reached = any(name_matches(name, t) or any(name_matches(f"{name}.{p}", t) for p, _ in params)
+                          for t in spec)
+        else:
+            reached = any(re.fullmatch(spec, f"{name}.{p}") for p, _ in params) or bool(re.fullmatch(spec, name))
         if reached:
             listed = ", ".join(f"{p} {shape}" for p, shape in params)
             raise MoRAConfigError(
-                f"{name} ({type(module).__qualname__}) holds its experts as fused parameters ({listed}), which MoRA "
-                f"does not adapt yet: target_modules={spec!r} would train the other layers and leave the experts "
-                f"untouched. Add exclude_modules=['*{name.rpartition('.')[2]}'] to adapt the rest without them"
+                f"{name} ({type(module).__qualname__}) holds its experts as 3-D parameters ({listed}) but does not "
+                "follow transformers' experts interface (has_gate/has_bias/is_transposed), so MoRA cannot adapt "
+                f"it: target_modules={spec!r} would train the other layers and leave these experts untouched. Add "
+                f"exclude_modules=['*{name.rpartition('.')[2]}'] to adapt the rest without them"
             )
 
 
@@ -106,16 +106,29 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
     index = named_modules(chunks)
     named = [(name, module) for name, module, _, _ in index]
     agree = partial(unmatched_everywhere, group=pipeline_group(chunks))
-    refuse_unadapted_experts(named, config)
-    targets = plan_targets(named, config.target_modules, config.exclude_modules, is_candidate,
-                           unmatched_everywhere=agree)
+    refuse_unknown_experts(named, config)
+    targets = [] if config.target_modules is None else plan_targets(
+        named, config.target_modules, config.exclude_modules, is_candidate, parameters=expert_parameters,
+        unmatched_everywhere=agree)
+    named_params = plan_target_parameters(named, config.target_parameters, expert_parameters,
+                                          unmatched_everywhere=agree)
+    targets += [name for name in named_params if name not in targets]
     to_save = plan_modules_to_save(named, config.modules_to_save, unmatched_everywhere=agree)
     where = {name: (chunk, local) for name, _, chunk, local in index}
     modules = dict(named)
-    wrappers = {name: wrapper_class(modules[name], name) for name in targets}
-    plan = [(name, layer_r_hat(*wrappers[name].global_features(modules[name]), config, name)) for name in targets]
+    layer_names = [name for name in targets if name in modules]
+    wrappers = {name: wrapper_class(modules[name], name) for name in layer_names}
+    plan = [(name, layer_r_hat(*wrappers[name].global_features(modules[name]), config, name)) for name in layer_names]
     for name, r_hat in plan:
         wrappers[name].check(modules[name], name, config, r_hat)  # e.g. sharding errors, before any change
+    expert_plan: dict[str, dict[str, int]] = {}  # {experts block: {parameter: r_hat}}
+    for name in targets:
+        if name in modules:
+            continue
+        block, _, param = name.rpartition(".")
+        r_hat = layer_r_hat(*experts.projection_features(modules[block], param), config, name)
+        experts.check_projection(modules[block], block, param, config, r_hat)
+        expert_plan.setdefault(block, {})[param] = r_hat
 
     for chunk in chunks:
         chunk.requires_grad_(False)
@@ -124,6 +137,8 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
         parent_name, _, child = local.rpartition(".")
         parent = chunk.get_submodule(parent_name) if parent_name else chunk
         setattr(parent, child, wrappers[name].from_base(modules[name], name, config, r_hat))
+    for block, r_hats in expert_plan.items():
+        experts.adapt(modules[block], r_hats, config)
     for name in to_save:
         modules[name].requires_grad_(True)
     for chunk in chunks:
@@ -132,7 +147,7 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
     logger.info(
         "MoRA type %d on %d layers; trainable params: %d || all params: %d || trainable%%: %.4f",
         config.mora_type,
-        len(plan),
+        len(targets),
         trainable,
         total,
         100.0 * trainable / max(total, 1),
@@ -201,12 +216,15 @@ def trainable_summary(model: Model) -> str:
 
 
 def unload(model: Model, merge: bool = True) -> Model:
-    """Replace every MoRA layer by its base layer (merging ``dW`` first unless ``merge=False``)."""
+    """Replace every MoRA layer by its base layer and give adapted expert blocks back their own class (merging
+    ``dW`` first unless ``merge=False``)."""
+    if merge:
+        merge_mora(model)
     for _, layer, chunk, local in list(named_modules(model)):
-        if not isinstance(layer, MoRALayerMixin):
+        if isinstance(layer, experts.MoRAExpertsMixin):
+            experts.release(layer)
+        if not isinstance(layer, MoRALayerMixin) or isinstance(layer, experts.MoRAExpertProjection):
             continue
-        if merge:
-            layer.merge(reinit=True)
         parent_name, _, child = local.rpartition(".")
         parent = chunk.get_submodule(parent_name) if parent_name else chunk
         setattr(parent, child, layer.release_base())

@@ -3,6 +3,9 @@
 Forms (PEFT's, plus wildcards): a list of names matched as the whole name or a dotted suffix
 (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), entries with ``*``/``?`` wildcards matched the same
 way, a single string taken as a regex that must match the whole name, and ``"all-linear"``.
+
+A fused expert parameter (``...experts.gate_up_proj``, :mod:`mora_dist.experts`) is a candidate under its own
+name and is also matched through its block's name, so ``"experts"`` reaches both projections of every block.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from mora_dist.errors import NoMatchingModuleError
 
 # Output heads that "all-linear" leaves alone (HF: lm_head / embed_out; megatron-core: output_layer).
 OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
+# Mixture-of-experts routers that "all-linear" leaves alone (transformers 4.x keeps them as nn.Linear; Qwen2-MoE's
+# shared-expert gate is a one-output linear): adapting a router changes the routing, so it must be asked for.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 _EMPTY = "<no layer left>"  # marks a plan that chose nothing, for the agreement across pipeline stages
 
 
@@ -27,19 +33,23 @@ def name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _select(names: list[str], spec: list[str] | str | None) -> tuple[set[str], list[str]]:
-    """``(chosen names, entries of spec that match nothing)``."""
+def _select(names: list[str], spec: list[str] | str | None,
+            owners: dict[str, str] | None = None) -> tuple[set[str], list[str]]:
+    """``(chosen names, entries of spec that match nothing)``; a name in ``owners`` also matches through its
+    owner's name."""
+    owners = owners or {}
     if spec is None:
         return set(), []
     if isinstance(spec, str):
         if spec == "all-linear":
-            return {n for n in names if n.split(".")[-1] not in OUTPUT_HEAD_NAMES}, []
-        chosen = {n for n in names if re.fullmatch(spec, n)}
+            left_out = OUTPUT_HEAD_NAMES + ROUTER_NAMES
+            return {n for n in names if n.split(".")[-1] not in left_out}, []
+        chosen = {n for n in names if re.fullmatch(spec, n) or (n in owners and re.fullmatch(spec, owners[n]))}
         return chosen, ([] if chosen else [spec])
     chosen: set[str] = set()
     unmatched = []
     for key in spec:
-        hits = {n for n in names if name_matches(n, key)}
+        hits = {n for n in names if name_matches(n, key) or (n in owners and name_matches(owners[n], key))}
         if not hits:
             unmatched.append(key)
         chosen |= hits
@@ -76,17 +86,27 @@ def plan_targets(
     exclude_modules: list[str] | str | None,
     is_candidate: Callable[[nn.Module], bool],
     *,
+    parameters: Callable[[nn.Module], list[str]] | None = None,
     unmatched_everywhere: Agree = _local,
 ) -> list[str]:
-    """Names of the modules to wrap, in model order. Raises ``NoMatchingModuleError`` before any change.
+    """Names of the modules (and fused expert parameters) to adapt, in model order. Raises
+    ``NoMatchingModuleError`` before any change.
 
-    ``model`` is a module or its ``(name, module)`` pairs. ``unmatched_everywhere`` keeps the entries that match
-    on no pipeline stage (a collective; the default is this model alone): an entry is valid if any stage has it.
+    ``model`` is a module or its ``(name, module)`` pairs. ``parameters(module)``: the names of the module's
+    fused expert parameters, candidates as ``<module>.<parameter>``. ``unmatched_everywhere`` keeps the entries
+    that match on no pipeline stage (a collective; the default is this model alone): an entry is valid if any
+    stage has it.
     """
     named = model.named_modules() if isinstance(model, nn.Module) else model
-    candidates = [name for name, module in named if name and is_candidate(module)]
-    chosen, unmatched = _select(candidates, target_modules)
-    chosen -= _select(candidates, exclude_modules)[0]
+    candidates, owners = [], {}
+    for name, module in named:
+        if name and is_candidate(module):
+            candidates.append(name)
+        for param in parameters(module) if parameters else []:
+            owners[f"{name}.{param}"] = name
+            candidates.append(f"{name}.{param}")
+    chosen, unmatched = _select(candidates, target_modules, owners)
+    chosen -= _select(candidates, exclude_modules, owners)[0]
     unmatched = unmatched_everywhere(unmatched + ([] if chosen else [_EMPTY]))  # one collective call
     entries = [e for e in unmatched if e != _EMPTY]
     if entries:
@@ -95,6 +115,32 @@ def plan_targets(
         raise NoMatchingModuleError(
             f"target_modules={target_modules!r} minus exclude_modules={exclude_modules!r} leaves no linear layer; "
             f"candidates look like {_suffixes(candidates)}"
+        )
+    return [name for name in candidates if name in chosen]
+
+
+def plan_target_parameters(
+    model: nn.Module | Named,
+    target_parameters: list[str] | None,
+    parameters: Callable[[nn.Module], list[str]],
+    *,
+    unmatched_everywhere: Agree = _local,
+) -> list[str]:
+    """Fused expert parameters named by ``target_parameters`` (PEFT's field: parameter names, suffix match, here
+    also ``*`` wildcards), as ``<module>.<parameter>`` in model order. Raises ``NoMatchingModuleError`` if an
+    entry matches no fused expert parameter (on any pipeline stage)."""
+    if not target_parameters:
+        return []
+    named = model.named_modules() if isinstance(model, nn.Module) else model
+    candidates = [f"{name}.{param}" for name, module in named for param in parameters(module)]
+    chosen, unmatched = _select(candidates, list(target_parameters))
+    unmatched = unmatched_everywhere(unmatched)
+    if unmatched:
+        shown = sorted({".".join(c.split(".")[-2:]) for c in candidates})[:12] or "none: the model has no fused experts"
+        raise NoMatchingModuleError(
+            f"target_parameters entry {unmatched[0]!r} matches no fused expert parameter; candidates look like "
+            f"{shown}. target_parameters adapts 3-D expert weights such as 'experts.gate_up_proj'; name linear "
+            "layers in target_modules"
         )
     return [name for name in candidates if name in chosen]
 

@@ -108,7 +108,7 @@ def load_mora(model: Model, path: str | os.PathLike) -> Model:
     if missing:
         problems.append(f"adapter at {path} has no matrix for module(s) {missing[:5]}; was it saved from this model?")
     for name in set(matrices) & set(layers):
-        expected = (layers[name].r_hat, layers[name].r_hat)
+        expected = tuple(layers[name].global_m_shape)
         if tuple(matrices[name].shape) != expected:
             problems.append(
                 f"module {name!r}: adapter matrix has shape {tuple(matrices[name].shape)}, the model's layer expects "

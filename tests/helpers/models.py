@@ -1,6 +1,6 @@
 """Tiny Hugging Face models built offline from configs, with widths that do not divide the usual r_hat."""
 
-import torch  # noqa: F401
+import torch
 import transformers
 
 TINY_VOCAB = 96
@@ -33,3 +33,41 @@ def tiny_gpt_neox() -> transformers.PreTrainedModel:
 
 
 TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt_neox": tiny_gpt_neox}
+
+
+# Mixtures of experts whose experts are fused 3-D parameters (transformers 5): hidden 40, expert width 26, so
+# gate_up (E, 52, 40) and down (E, 40, 26) divide no r_hat the tests use; 5 experts, top 2.
+FUSED_EXPERTS = int(transformers.__version__.split(".")[0]) >= 5
+MOE_EXPERTS = 5
+_MOE_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=40, intermediate_size=26, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64,
+                   tie_word_embeddings=False)
+_MOE_CONFIGS = {
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=MOE_EXPERTS)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        num_experts=MOE_EXPERTS, moe_intermediate_size=26, shared_expert_intermediate_size=18)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(num_experts=MOE_EXPERTS, moe_intermediate_size=26)),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(num_experts=MOE_EXPERTS, eos_token_id=1, pad_token_id=0)),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        n_routed_experts=6, moe_intermediate_size=26, n_group=2, topk_group=1, first_k_dense_replace=0,
+        n_shared_experts=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(
+        num_local_experts=MOE_EXPERTS, head_dim=10, layer_types=["full_attention"])),
+}
+MOE_KINDS = tuple(_MOE_CONFIGS)
+
+
+def tiny_moe(kind: str, *, std: float = 0.1, dtype: torch.dtype = torch.float32,
+             **overrides) -> transformers.PreTrainedModel:
+    """A one-layer mixture of experts of ``kind`` (a :data:`MOE_KINDS` name) with N(0, std) weights (biases and
+    routers and biases included, so routing is not uniform; norms stay at one), running transformers' eager experts loop (the reference)."""
+    model_cls, config_cls, extra = _MOE_CONFIGS[kind]
+    config = getattr(transformers, config_cls)(**{**_MOE_COMMON, **extra, **overrides})
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or "bias" in name:  # norms keep their ones
+                p.normal_(0.0, std)
+    return model.to(dtype).eval()

@@ -117,32 +117,21 @@ def test_unloaded_model_saves_and_reloads_in_plain_transformers(tmp_path, token_
     assert reloaded.config.vocab_size == TINY_VOCAB
 
 
-def _tiny_moe(kind: str):
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2)
-    if kind == "mixtral":
-        return transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=3))
-    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**common, num_experts=3,
-                                                                         moe_intermediate_size=24))
+class _LinearListMoE(nn.Module):
+    """Experts as a list of nn.Linear with an nn.Linear router (transformers 4.x, many custom models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(12, 3, bias=False)
+        self.experts = nn.ModuleList(nn.ModuleDict({"w1": nn.Linear(12, 20), "w2": nn.Linear(20, 12)})
+                                     for _ in range(3))
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("targets", ["all-linear", ["experts"], ["experts.down_proj"], r".*\.experts\.gate_up_proj"])
-def test_fused_experts_are_refused_naming_them_never_skipped(kind, targets):
-    """Catches the silent skip: all-linear on an MoE would train attention only and leave the experts untouched."""
-    model = _tiny_moe(kind)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    with pytest.raises(MoRAConfigError, match=r"model\.layers\.0\.mlp\.experts \(\w+Experts\) holds its experts as "
-                                              r"fused parameters \(gate_up_proj \(3, \d+, 32\), down_proj"):
-        apply_mora(model, MoRAConfig(r=4, target_modules=targets))
-    assert not any(isinstance(m, MoRALayerMixin) for m in model.modules())  # refused before any change
-    assert all(p.requires_grad for p in model.parameters())
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-
-
-def test_experts_left_out_by_name_adapt_the_rest_and_never_the_router():
-    model = _tiny_moe("mixtral")
-    apply_mora(model, MoRAConfig(r=4, target_modules="all-linear", exclude_modules=["*experts"]))
-    adapted = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, MoRALayerMixin)}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert not model.model.layers[0].mlp.gate.weight.requires_grad
+def test_experts_kept_as_linear_lists_are_adapted_and_the_router_is_not():
+    model = nn.ModuleDict({"attn": nn.Linear(12, 12), "moe": _LinearListMoE()})
+    apply_mora(model, MoRAConfig(r=2, target_modules="all-linear"))
+    assert [n for n, _ in mora_layers(model)] == ["attn"] + [f"moe.experts.{e}.{w}" for e in range(3)
+                                                                for w in ("w1", "w2")]
+    assert not model["moe"].gate.weight.requires_grad
+    apply_mora(unload(model), MoRAConfig(r=2, target_modules=["attn", "gate"]))
+    assert [n for n, _ in mora_layers(model)] == ["attn", "moe.gate"]  # a router named is adapted
