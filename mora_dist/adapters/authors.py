@@ -20,6 +20,7 @@ from mora_dist.adapters.files import (
     modules_to_save_state,
     mora_config,
     nbytes,
+    refuse_expert_layers,
     saved_module_names,
     target_modules,
     write_adapter_dir,
@@ -41,6 +42,7 @@ def save_mora_authors(model: nn.Module, path: str | os.PathLike, *, optimizer: A
 
     Spec: §2.5.
     """
+    refuse_expert_layers(model, "mora-authors export")
     config = mora_config(model)
     layers = dict(mora_layers(model))
     if config is None or not layers:

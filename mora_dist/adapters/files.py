@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mora_dist.errors import AdapterLoadError
+from mora_dist.errors import AdapterLoadError, MoRAConfigError
+from mora_dist.experts import MoRAExpertProjection
 from mora_dist.model import Model, mora_layers
 from mora_dist.parallel.chunks import (
     all_gather,
@@ -34,6 +35,16 @@ from mora_dist.parallel.chunks import (
 )
 from mora_dist.targeting import plan_modules_to_save
 from mora_dist.training.optimizer_state import backend_for
+
+def refuse_expert_layers(model: Model, export: str) -> None:
+    """Raise before anything is written when ``model`` has MoRA on fused experts, which ``export`` cannot hold."""
+    experts = [name for name, layer in mora_layers(model) if isinstance(layer, MoRAExpertProjection)]
+    if experts:
+        raise MoRAConfigError(
+            f"{export}: {experts[0]} (and {len(experts) - 1} more) adapt fused expert parameters, which this format "
+            "cannot hold yet; export the merged model, or save our adapter format (save_mora / --format mora)"
+        )
+
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

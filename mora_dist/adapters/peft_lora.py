@@ -33,6 +33,7 @@ from mora_dist.adapters.files import (
     mora_config,
     nbytes,
     parameter_value,
+    refuse_expert_layers,
     saved_module_names,
     target_modules,
     write_adapter_dir,
@@ -146,6 +147,7 @@ def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
     group = pipeline_group(model)
     problems = []
     try:  # every stage checks its own layers; all refuse together, before any collective
+        refuse_expert_layers(model, "peft-lora export")
         past = cycle_factors(cycles, _shapes(model)) if cycles else {}
         _refuse_rope({name: layer.mora_type for name, layer in mora_layers(model)}, "peft-lora export")
     except MoRAConfigError as exc:

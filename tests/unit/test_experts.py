@@ -264,3 +264,16 @@ def test_adapter_files_round_trip_the_expert_matrices(tmp_path):
     for (name, ours), (_, theirs) in zip(mora_layers(model), mora_layers(fresh)):
         assert isinstance(ours, MoRALayerMixin) and torch.equal(ours.mora_M, theirs.mora_M), name
     assert any(isinstance(layer, MoRAExpertProjection) for _, layer in mora_layers(fresh))
+
+
+@pytest.mark.parametrize("export", ["peft-lora", "mora-authors"])
+def test_adapter_formats_that_cannot_hold_experts_refuse_them_before_writing(export, tmp_path):
+    from mora_dist.adapters.authors import save_mora_authors
+    from mora_dist.adapters.peft_lora import save_peft_lora
+
+    model = apply_mora(tiny_moe("mixtral"), MoRAConfig(r=2, mora_type=1, target_modules="all-linear"))
+    save = save_peft_lora if export == "peft-lora" else save_mora_authors
+    with pytest.raises(MoRAConfigError, match=rf"{export} export: model\.layers\.0\.mlp\.experts\.mora\.gate_up_proj"
+                                              r" \(and 1 more\) adapt fused expert parameters"):
+        save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
