@@ -18,7 +18,7 @@ def test_torch_adam_is_chosen_automatically_without_cuda_and_says_so(caplog):
     """Catches DeepSpeed silently JIT-compiling its C++ Adam (minutes) on CPU when torch_adam is unset, and an
     explicit setting being overridden."""
     cfg = load_run_config(TINY, ["optimizer.torch_adam=null"])
-    with caplog.at_level(logging.INFO, logger="mora_dist.run.build"):
+    with caplog.at_level(logging.INFO, logger="mora_dist.run.deepspeed_engine"):
         params = deepspeed_engine.deepspeed_config(cfg, 1)["optimizer"]["params"]
     assert params["torch_adam"] is True
     assert "torch_adam unset: using torch's AdamW (no CUDA" in caplog.text
