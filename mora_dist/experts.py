@@ -18,6 +18,9 @@ Spec: §2, §2.4.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +30,7 @@ from mora_dist.errors import MoRAConfigError
 from mora_dist.layer import MoRALayerMixin
 from mora_dist.merge import FoldNorms, fold_layer
 from mora_dist.operators import MoRAOperator, check_r_hat
+from mora_dist.targeting import name_matches
 
 # transformers' experts interface (``use_experts_implementation``) sets these on every fused-experts module.
 INTERFACE_FLAGS = ("has_gate", "has_bias", "is_transposed")
@@ -59,6 +63,46 @@ def unknown_expert_params(module: nn.Module) -> list[tuple[str, tuple[int, ...]]
     if not expert_like or fused_projections(module) or isinstance(module, MoRAExpertsMixin):
         return []
     return [(n, _shape(p)) for n, p in module.named_parameters(recurse=False) if len(_shape(p)) == 3]
+
+
+def fused_expert_params(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every 3-D expert weight of ``module``, known layout or not (``[]`` for other modules)."""
+    return unknown_expert_params(module) or [(n, _shape(getattr(module, n))) for n in fused_projections(module)]
+
+
+def refuse_unadaptable_experts(named: Iterable[tuple[str, nn.Module]], target_modules: list[str] | str | None,
+                               exclude_modules: list[str] | str | None,
+                               expert_params: Callable[[nn.Module], list[tuple[str, tuple[int, ...]]]],
+                               why: str) -> None:
+    """Raise before any change when ``target_modules`` reach an experts block whose 3-D weights
+    (``expert_params(module)``) the caller cannot adapt (``why`` says why): skipping it silently would train
+    everything but the experts.
+
+    Raises:
+        MoRAConfigError: names the module path, its class, the parameters and the ``exclude_modules`` fix.
+    """
+    spec, exclude = target_modules, exclude_modules or []
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    for name, module in named:
+        params = expert_params(module)
+        if not params or any(name_matches(name, e) for e in exclude):
+            continue
+        if spec is None:
+            reached = False
+        elif spec == "all-linear":
+            reached = True
+        elif isinstance(spec, list):
+            reached = any(name_matches(name, t) or any(name_matches(f"{name}.{p}", t) for p, _ in params)
+                          for t in spec)
+        else:
+            reached = any(re.fullmatch(spec, f"{name}.{p}") for p, _ in params) or bool(re.fullmatch(spec, name))
+        if reached:
+            listed = ", ".join(f"{p} {shape}" for p, shape in params)
+            raise MoRAConfigError(
+                f"{name} ({type(module).__qualname__}) holds its experts as 3-D parameters ({listed}) but {why}: "
+                f"target_modules={spec!r} would train the other layers and leave these experts untouched. Add "
+                f"exclude_modules=['*{name.rpartition('.')[2]}'] to adapt the rest without them"
+            )
 
 
 def projection_features(module: nn.Module, param_name: str) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from mora_dist.experts import fused_expert_params, refuse_unadaptable_experts
 from mora_dist.merge import RESIDUAL, FoldNorms, fold_layer, match_residual_to_state, new_residual
 from mora_dist.targeting import plan_modules_to_save, plan_targets
 
@@ -81,7 +82,10 @@ def apply_lora(model: nn.Module, target_modules: list[str] | str, r: int = 8, lo
                dropout: float = 0.0, exclude_modules: list[str] | str | None = None,
                modules_to_save: list[str] | None = None, *, merge_compensation: bool = True) -> nn.Module:
     """Wrap targeted ``nn.Linear`` layers with ``LoRALinear`` in place; freeze all but adapters and
-    ``modules_to_save``. ``merge_compensation``: see :class:`mora_dist.MoRAConfig`."""
+    ``modules_to_save``. ``merge_compensation``: see :class:`mora_dist.MoRAConfig`. Experts held as fused 3-D
+    parameters that the targets reach are refused (this LoRA adapts ``nn.Linear`` only)."""
+    refuse_unadaptable_experts(model.named_modules(), target_modules, exclude_modules, fused_expert_params,
+                               "the LoRA baseline adapts nn.Linear layers only")
     targets = plan_targets(model, target_modules, exclude_modules, lambda m: type(m) is nn.Linear)
     to_save = plan_modules_to_save(model, modules_to_save)
     model.requires_grad_(False)

@@ -9,17 +9,17 @@ on some stage.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
 from torch import nn
 
-from mora_dist.config import MoRAConfig
 from mora_dist import experts
+from mora_dist.config import MoRAConfig
 from mora_dist.dispatch import expert_parameters, is_candidate, wrapper_class
 from mora_dist.errors import MoRAConfigError
+from mora_dist.experts import unknown_expert_params
 from mora_dist.layer import MoRALayerMixin
 from mora_dist.operators import check_r_hat, compute_r_hat
 from mora_dist.parallel.chunks import (
@@ -31,43 +31,9 @@ from mora_dist.parallel.chunks import (
     tensor_group,
     unmatched_everywhere,
 )
-from mora_dist.experts import unknown_expert_params
-from mora_dist.targeting import name_matches, plan_modules_to_save, plan_target_parameters, plan_targets
+from mora_dist.targeting import plan_modules_to_save, plan_target_parameters, plan_targets
 
 logger = logging.getLogger(__name__)
-
-
-def refuse_unknown_experts(named: list[tuple[str, nn.Module]], config: MoRAConfig) -> None:
-    """Raise before any change when the targets reach a mixture-of-experts block holding 3-D expert parameters
-    that :mod:`mora_dist.experts` does not know (a custom block outside transformers' experts interface):
-    skipping it would train everything but the experts.
-
-    Raises:
-        MoRAConfigError: names the module path, its class, the parameters and the ``exclude_modules`` fix.
-    """
-    spec, exclude = config.target_modules, config.exclude_modules or []
-    exclude = [exclude] if isinstance(exclude, str) else exclude
-    for name, module in named:
-        params = unknown_expert_params(module)
-        if not params or any(name_matches(name, e) for e in exclude):
-            continue
-        if spec is None:
-            reached = False
-        elif spec == "all-linear":
-            reached = True
-        elif isinstance(spec, list):
-            reached = any(name_matches(name, t) or any(name_matches(f"{name}.{p}", t) for p, _ in params)
-                          for t in spec)
-        else:
-            reached = any(re.fullmatch(spec, f"{name}.{p}") for p, _ in params) or bool(re.fullmatch(spec, name))
-        if reached:
-            listed = ", ".join(f"{p} {shape}" for p, shape in params)
-            raise MoRAConfigError(
-                f"{name} ({type(module).__qualname__}) holds its experts as 3-D parameters ({listed}) but does not "
-                "follow transformers' experts interface (has_gate/has_bias/is_transposed), so MoRA cannot adapt "
-                f"it: target_modules={spec!r} would train the other layers and leave these experts untouched. Add "
-                f"exclude_modules=['*{name.rpartition('.')[2]}'] to adapt the rest without them"
-            )
 
 
 def layer_r_hat(in_features: int, out_features: int, config: MoRAConfig, name: str) -> int:
@@ -106,7 +72,9 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
     index = named_modules(chunks)
     named = [(name, module) for name, module, _, _ in index]
     agree = partial(unmatched_everywhere, group=pipeline_group(chunks))
-    refuse_unknown_experts(named, config)
+    experts.refuse_unadaptable_experts(
+        named, config.target_modules, config.exclude_modules, unknown_expert_params,
+        "does not follow transformers' experts interface (has_gate/has_bias/is_transposed), so MoRA cannot adapt it")
     targets = [] if config.target_modules is None else plan_targets(
         named, config.target_modules, config.exclude_modules, is_candidate, parameters=expert_parameters,
         unmatched_everywhere=agree)

@@ -136,7 +136,7 @@ def plan_target_parameters(
     chosen, unmatched = _select(candidates, list(target_parameters))
     unmatched = unmatched_everywhere(unmatched)
     if unmatched:
-        shown = sorted({".".join(c.split(".")[-2:]) for c in candidates})[:12] or "none: the model has no fused experts"
+        shown = sorted({".".join(c.split(".")[-2:]) for c in candidates})[:12] or "none (no fused experts)"
         raise NoMatchingModuleError(
             f"target_parameters entry {unmatched[0]!r} matches no fused expert parameter; candidates look like "
             f"{shown}. target_parameters adapts 3-D expert weights such as 'experts.gate_up_proj'; name linear "

@@ -36,6 +36,7 @@ from mora_dist.parallel.chunks import (
 from mora_dist.targeting import plan_modules_to_save
 from mora_dist.training.optimizer_state import backend_for
 
+
 def refuse_expert_layers(model: Model, export: str) -> None:
     """Raise before anything is written when ``model`` has MoRA on fused experts, which ``export`` cannot hold."""
     experts = [name for name, layer in mora_layers(model) if isinstance(layer, MoRAExpertProjection)]

@@ -59,8 +59,9 @@ MOE_KINDS = tuple(_MOE_CONFIGS)
 
 def tiny_moe(kind: str, *, std: float = 0.1, dtype: torch.dtype = torch.float32,
              **overrides) -> transformers.PreTrainedModel:
-    """A one-layer mixture of experts of ``kind`` (a :data:`MOE_KINDS` name) with N(0, std) weights (biases and
-    routers and biases included, so routing is not uniform; norms stay at one), running transformers' eager experts loop (the reference)."""
+    """A one-layer mixture of experts of ``kind`` (a :data:`MOE_KINDS` name) with N(0, std) weights (routers and
+    biases included, so routing is not uniform; norms stay at one), running transformers' eager experts loop (the
+    reference)."""
     model_cls, config_cls, extra = _MOE_CONFIGS[kind]
     config = getattr(transformers, config_cls)(**{**_MOE_COMMON, **extra, **overrides})
     config._experts_implementation = "eager"

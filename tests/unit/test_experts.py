@@ -87,7 +87,8 @@ def test_every_expert_matches_the_dense_reference_through_the_models_routing(kin
 def test_r_hat_follows_each_experts_shape_as_for_a_linear(kind):
     model = apply_mora(tiny_moe(kind), MoRAConfig(r=3, mora_type=6, target_modules="all-linear"))
     layers = dict(mora_layers(model))
-    gate_up, down = layers["model.layers.0.mlp.experts.mora.gate_up_proj"], layers["model.layers.0.mlp.experts.mora.down_proj"]
+    prefix = "model.layers.0.mlp.experts.mora."
+    gate_up, down = layers[prefix + "gate_up_proj"], layers[prefix + "down_proj"]
     assert (gate_up.in_features, gate_up.out_features) == (40, 52)
     assert (down.in_features, down.out_features) == (26, 40)
     assert gate_up.mora_M.shape == (5, r_hat_for(40, 52, 3, 6), r_hat_for(40, 52, 3, 6))
@@ -148,7 +149,8 @@ def test_target_parameters_has_peft_meaning_and_adds_to_target_modules():
 
 
 def test_router_is_adapted_only_when_named():
-    model = apply_mora(tiny_moe("mixtral"), MoRAConfig(r=2, target_modules="all-linear", exclude_modules=["*experts"]))
+    model = apply_mora(tiny_moe("mixtral"),
+                       MoRAConfig(r=2, target_modules="all-linear", exclude_modules=["*experts"]))
     assert {n.rpartition(".")[2] for n, _ in mora_layers(model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
@@ -194,7 +196,8 @@ def test_an_unknown_experts_block_is_refused_with_class_and_path_never_skipped()
     model.add_module("proj", nn.Linear(8, 8))
     model.add_module("moe", _CustomExperts())
     with pytest.raises(MoRAConfigError, match=r"moe \(_CustomExperts\) holds its experts as 3-D parameters "
-                                              r"\(w_in \(3, 16, 8\), w_out \(3, 8, 16\)\).*exclude_modules=\['\*moe'\]"):
+                                              r"\(w_in \(3, 16, 8\), w_out \(3, 8, 16\)\)"
+                                              r".*exclude_modules=\['\*moe'\]"):
         apply_mora(model, MoRAConfig(r=2, target_modules="all-linear"))
     apply_mora(model, MoRAConfig(r=2, target_modules="all-linear", exclude_modules=["*moe"]))
     assert [n for n, _ in mora_layers(model)] == ["proj"]
@@ -277,3 +280,17 @@ def test_adapter_formats_that_cannot_hold_experts_refuse_them_before_writing(exp
                                               r" \(and 1 more\) adapt fused expert parameters"):
         save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_lora_baseline_refuses_fused_experts_it_would_skip():
+    """Catches a ReLoRA/LoRA baseline on an MoE that trains attention only (its LoRA adapts nn.Linear only)."""
+    from mora_dist.lora import apply_lora, lora_layers
+
+    model = tiny_moe("mixtral")
+    with pytest.raises(MoRAConfigError, match=r"model\.layers\.0\.mlp\.experts \(MixtralExperts\) holds its experts "
+                                              r"as 3-D parameters \(gate_up_proj \(5, 52, 40\), down_proj "
+                                              r"\(5, 40, 26\)\) but the LoRA baseline adapts nn.Linear layers only"):
+        apply_lora(model, "all-linear", r=2)
+    assert not any(True for _ in lora_layers(model))
+    apply_lora(model, "all-linear", r=2, exclude_modules=["*experts"])
+    assert {n.rpartition(".")[2] for n, _ in lora_layers(model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}

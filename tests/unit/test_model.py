@@ -16,7 +16,6 @@ from mora_dist import (
     trainable_summary,
     unload,
 )
-from mora_dist.layer import MoRALayerMixin
 from tests.helpers.models import TINY_VOCAB, tiny_llama
 
 
