@@ -275,6 +275,12 @@ def adapt(module: nn.Module, r_hats: dict[str, int], config: MoRAConfig) -> None
     module.__class__ = _adapted_class(type(module))
 
 
+def adapted_parameter(layer_name: str) -> tuple[str, str]:
+    """``(block, parameter)`` of the expert adapter named ``layer_name`` (``<block>.mora.<parameter>``)."""
+    block, _, parameter = layer_name.rpartition(f".{ADAPTERS}.")
+    return block, parameter
+
+
 def release(module: nn.Module) -> nn.Module:
     """Undo :func:`adapt` (after merging, for :func:`mora_dist.unload`): the block's own class, no adapters."""
     delattr(module, ADAPTERS)

@@ -10,6 +10,12 @@ factorisation is smaller and is written instead: ``A = dW, B = I_d`` (``d <= k``
 nothing truncated. Type 6 (block-rotary ``dW``, rank up to ``min(d, k)``) has no low-rank form and is refused before
 anything is gathered or written.
 
+Fused expert parameters (``mora_M: (E, r_hat, r_hat)``) become PEFT ``target_parameters`` entries: per expert
+``A_e: (R, k)`` and ``B_e: (d, R)``, stored as PEFT's ``ParamWrapper`` reads them (``lora_A.weight: (E R, k)`` with
+row ``e R + j``, ``lora_B.weight: (d, R E)`` with column ``j E + e``). PEFT nests one wrapper per parameter of a
+block in the order the block registers them (the first innermost), so a parameter's keys carry one
+``.base_layer`` per adapted parameter registered after it.
+
 Spec: §2.5, §3.
 """
 
@@ -33,12 +39,12 @@ from mora_dist.adapters.files import (
     mora_config,
     nbytes,
     parameter_value,
-    refuse_expert_layers,
     saved_module_names,
     target_modules,
     write_adapter_dir,
 )
 from mora_dist.errors import MoRAConfigError
+from mora_dist.experts import ADAPTERS, MoRAExpertProjection, adapted_parameter
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.model import mora_layers
 from mora_dist.operators import lora_factors
@@ -46,7 +52,18 @@ from mora_dist.parallel.chunks import pipeline_group, raise_if_any
 
 logger = logging.getLogger(__name__)
 
-Factors = list[tuple[torch.Tensor, torch.Tensor]]  # [(A: (r_i, k), B: (d, r_i))], dW = sum_i B_i A_i
+# [(A: (r_i, k), B: (d, r_i))], dW = sum_i B_i A_i; for fused experts A: (E, r_i, k), B: (E, d, r_i).
+Factors = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def mora_factors(M: torch.Tensor, in_features: int, out_features: int, mora_type: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mora_dist.operators.lora_factors` of ``M: (r_hat, r_hat)``, or of every expert of
+    ``M: (E, r_hat, r_hat)`` stacked (``A: (E, r_hat, k)``, ``B: (E, d, r_hat)``)."""
+    if M.dim() == 2:
+        return lora_factors(M, in_features, out_features, mora_type)
+    parts = [lora_factors(M_e, in_features, out_features, mora_type) for M_e in M.unbind(0)]
+    return torch.stack([A for A, _ in parts]), torch.stack([B for _, B in parts])
 
 
 def _refuse_rope(types: Mapping[str, int], where: str) -> None:
@@ -83,7 +100,7 @@ def cycle_factors(cycles: Sequence[Mapping[str, Any]], shapes: Mapping[str, tupl
             )
         for name, value in values.items():
             if "matrices" in cycle:
-                out[name].append(lora_factors(value.float(), *shapes[name], cycle["mora_type"]))
+                out[name].append(mora_factors(value.float(), *shapes[name], cycle["mora_type"]))
             else:
                 A, B = value
                 out[name].append((A.float(), B.float() * float(cycle["scaling"])))
@@ -101,7 +118,7 @@ def live_factors(model: nn.Module, optimizer: Any = None) -> dict[str, Factors]:
     if mora:
         _refuse_rope({name: layer.mora_type for name, layer in mora.items()}, "peft-lora export")
         matrices = global_matrices(model, optimizer)
-        return {name: [lora_factors(matrices[name], layer.in_features, layer.out_features, layer.mora_type)]
+        return {name: [mora_factors(matrices[name], layer.in_features, layer.out_features, layer.mora_type)]
                 for name, layer in mora.items()}
     lora = dict(lora_layers(model))
     if not lora:
@@ -114,16 +131,15 @@ def live_factors(model: nn.Module, optimizer: Any = None) -> dict[str, Factors]:
 def combine(factors: Factors) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(A, B, dense)``: the terms concatenated (``A`` rows, ``B`` columns), or, when their rank exceeds
     ``min(d, k)``, the exact dense factorisation of ``dW = sum B_i A_i`` (computed in float64) of rank
-    ``min(d, k)``."""
-    A = torch.cat([a for a, _ in factors], dim=0)
-    B = torch.cat([b for _, b in factors], dim=1)
-    d, k = B.shape[0], A.shape[1]
-    if A.shape[0] <= min(d, k):
+    ``min(d, k)``. Expert terms (a leading ``E`` dimension) are combined expert by expert."""
+    A = torch.cat([a for a, _ in factors], dim=-2)
+    B = torch.cat([b for _, b in factors], dim=-1)
+    d, k = B.shape[-2], A.shape[-1]
+    if A.shape[-2] <= min(d, k):
         return A, B, False
-    delta = (B.double() @ A.double()).float()  # (d, k)
-    if d <= k:
-        return delta, torch.eye(d), True
-    return torch.eye(k), delta, True
+    delta = (B.double() @ A.double()).float()  # (..., d, k)
+    eye = torch.eye(min(d, k)).expand(*delta.shape[:-2], -1, -1).contiguous()
+    return (delta, eye, True) if d <= k else (eye, delta, True)
 
 
 
@@ -137,6 +153,54 @@ def _pad(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
 
 
 
+def _expert_module_keys(model: nn.Module) -> dict[str, str]:
+    """``{expert adapter name: the PEFT module path of its ParamWrapper}``: the block, plus one ``.base_layer``
+    per adapted parameter the block registers after this one (PEFT wraps them in registration order)."""
+    adapted: dict[str, list[str]] = {}
+    for name, layer in mora_layers(model):
+        if isinstance(layer, MoRAExpertProjection):
+            block, parameter = adapted_parameter(name)
+            adapted.setdefault(block, []).append(parameter)
+    keys = {}
+    for block, parameters in adapted.items():
+        order = [p for p, _ in model.get_submodule(block).named_parameters(recurse=False) if p in parameters]
+        for i, parameter in enumerate(order):
+            keys[f"{block}.{ADAPTERS}.{parameter}"] = block + ".base_layer" * (len(order) - 1 - i)
+    return keys
+
+
+
+# PEFT (>= 0.21, on transformers 5) rewrites the config of these model families as if it were written for
+# transformers 4, where their experts were nn.Linear modules with these names: a target_modules entry with such a
+# leaf name is moved to the fused expert parameter. A Linear of that name (DeepSeek-V3's shared experts and dense
+# MLPs) is therefore written as a target_parameters entry of its weight, which PEFT leaves alone.
+_PEFT_V4_EXPERT_NAMES = {"mixtral": {"gate", "w1", "w2", "w3"},
+                         "qwen2_moe": {"gate", "gate_proj", "up_proj", "down_proj"}}
+
+
+def _peft_renamed(model: nn.Module, names: Sequence[str]) -> set[str]:
+    """The module names among ``names`` that PEFT's transformers-4 config conversion would retarget."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # PEFT converts configs on transformers 5 only
+        return set()
+    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as families
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = {**families, "mixtral": "mixtral"}.get(model_type)
+    old_names = _PEFT_V4_EXPERT_NAMES.get(family, set())
+    return {name for name in names if name.rpartition(".")[2] in old_names}
+
+
+def _lora_tensors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A.weight, lora_B.weight)`` of one module: ``A, B`` themselves, or for experts
+    ``A: (E, R, k) -> (E R, k)`` and ``B: (E, d, R) -> (d, R E)`` (PEFT's ParamWrapper layout)."""
+    if A.dim() == 2:
+        return A, B
+    experts, rank, k = A.shape
+    return A.reshape(experts * rank, k), B.permute(1, 2, 0).reshape(B.shape[1], rank * experts)
+
+
+
 def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
                     cycles: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Factors]:
     """Per adapted module, the LoRA terms of the kept ``cycles`` (if any) then of the live adapter. Collective.
@@ -147,7 +211,6 @@ def peft_lora_terms(model: nn.Module, *, optimizer: Any = None,
     group = pipeline_group(model)
     problems = []
     try:  # every stage checks its own layers; all refuse together, before any collective
-        refuse_expert_layers(model, "peft-lora export")
         past = cycle_factors(cycles, _shapes(model)) if cycles else {}
         _refuse_rope({name: layer.mora_type for name, layer in mora_layers(model)}, "peft-lora export")
     except MoRAConfigError as exc:
@@ -166,18 +229,29 @@ def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, mo
     ``extra``: the ``modules_to_save`` tensors under their file keys. Returns the report of
     :func:`save_peft_lora`."""
     combined = {name: combine(factors) for name, factors in terms.items()}
-    rank = max(A.shape[0] for A, _, _ in combined.values())
+    rank = max(A.shape[-2] for A, _, _ in combined.values())
+    experts = _expert_module_keys(model)
     state: dict[str, torch.Tensor] = {}
     for name, (A, B, _) in combined.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = _pad(A, rank, 0)
-        state[f"{PREFIX}{name}.lora_B.weight"] = _pad(B, rank, 1)
+        lora_A, lora_B = _lora_tensors(_pad(A, rank, -2), _pad(B, rank, -1))
+        state[f"{PREFIX}{experts.get(name, name)}.lora_A.weight"] = lora_A
+        state[f"{PREFIX}{experts.get(name, name)}.lora_B.weight"] = lora_B
     state.update(extra)
+    renamed = _peft_renamed(model, [name for name in terms if name not in experts])
+    if (experts or renamed) and dropout:
+        logger.info("peft-lora adapter %s: lora_dropout 0 (PEFT's target_parameters LoRA has no dropout; the "
+                    "outputs at inference are the same)", path)
+        dropout = 0.0
+    linear = [name for name in terms if name not in experts and name not in renamed]
+    parameters = ["{}.{}".format(*adapted_parameter(name)) for name in experts] + [f"{n}.weight" for n in renamed]
     values = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name(model),
         "inference_mode": True,
         "r": rank, "lora_alpha": rank, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "target_modules": target_modules(model, list(terms)), "modules_to_save": list(modules_to_save) or None,
+        "target_modules": target_modules(model, linear) if linear else [],
+        "target_parameters": sorted(parameters) or None,
+        "modules_to_save": list(modules_to_save) or None,
     }
     write_adapter_dir(path, values, state)
     report = {"rank": rank, "bytes": nbytes(state), "mora_bytes": mora_bytes,
@@ -223,7 +297,8 @@ def save_peft_lora(model: nn.Module, path: str | os.PathLike, *, optimizer: Any 
         return {}
     mora_bytes = None
     if config is not None:
-        mora_bytes = sum(4 * A.shape[0] ** 2 for A, _ in (factors[-1] for factors in terms.values()))
+        live = (factors[-1][0] for factors in terms.values())  # A: (r_hat, k) or (E, r_hat, k)
+        mora_bytes = sum(4 * A.shape[-2] * A[..., 0].numel() for A in live)
         mora_bytes += nbytes(extra)
     return write_peft_lora(path, terms, model=model, extra=extra, modules_to_save=saved_module_names(extra),
                            dropout=_dropout(model), mora_bytes=mora_bytes)

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from mora_dist import MoRAConfig, MoRAConfigError, apply_mora, load_mora, merge_mora, mora_layers, save_mora, unload
 from mora_dist.adapters.peft_lora import save_peft_lora
+from mora_dist.experts import MoRAExpertProjection
 from mora_dist.lora import apply_lora, lora_layers
 from mora_dist.training.callbacks import TrainerEngineView
 from mora_dist.training.remora import ReLoRACallback, ReMoRACallback
-from tests.helpers.models import TINY_MODELS, tiny_llama
+from tests.helpers.models import FUSED_EXPERTS, MOE_KINDS, TINY_MODELS, TINY_VOCAB, tiny_llama, tiny_moe
 
 ATOL = 1e-5
 
@@ -181,3 +182,55 @@ def test_relora_run_exports_as_one_lora_over_the_starting_weights(tmp_path, toke
     assert len(dict(lora_layers(model))) == 4
     served = peft.PeftModel.from_pretrained(copy.deepcopy(start), str(tmp_path / "run")).eval()
     torch.testing.assert_close(_logits(served, token_ids), _logits(model, token_ids), atol=ATOL, rtol=0)
+
+
+def _max_diff(served, model, ids):
+    return (_logits(served, ids) - _logits(model, ids)).abs().max().item()
+
+
+@pytest.mark.skipif(not FUSED_EXPERTS, reason="transformers < 5 keeps experts as nn.Linear lists")
+@pytest.mark.parametrize("mora_type", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_peft_lora_reproduces_expert_adapters_as_target_parameters(tmp_path, kind, mora_type):
+    """Every fused expert parameter as a PEFT ``target_parameters`` LoRA that the real ``PeftModel`` loads:
+    catches experts' rows and columns in the wrong order (PEFT reads ``lora_A`` as (E, r, k) and ``lora_B`` as
+    (d, r, E)), a transposed layout (gpt-oss) written like the others, nested wrappers keyed in the wrong order,
+    a dropout PEFT refuses, and a dense-written projection (r_hat > k here for down_proj) in the wrong layout."""
+    torch.manual_seed(7)
+    base = tiny_moe(kind)
+    model = apply_mora(copy.deepcopy(base), MoRAConfig(r=16, mora_type=mora_type, target_modules="all-linear",
+                                                       dropout=0.1)).eval()
+    _randomise(model)
+    experts = {name for name, layer in mora_layers(model) if isinstance(layer, MoRAExpertProjection)}
+    assert experts
+    report = save_mora(model, tmp_path / "lora", format="peft-lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) >= {name.replace(".mora.", ".") for name in experts}
+    assert config["lora_dropout"] == 0.0 and config["r"] == report["rank"]
+    assert any(name.endswith("down_proj") for name in report["dense_modules"] if name in experts)
+
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora")).eval()
+    ids = torch.randint(0, TINY_VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    assert _max_diff(served, model, ids) <= ATOL
+
+    merged = served.merge_and_unload()
+    merge_mora(model)
+    ours = unload(model, merge=False).state_dict()
+    assert sorted(ours) == sorted(merged.state_dict())
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, ours[name], atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.skipif(not FUSED_EXPERTS, reason="transformers < 5 keeps experts as nn.Linear lists")
+def test_remora_run_on_experts_exports_as_one_lora_over_the_starting_weights(tmp_path):
+    """Catches expert cycles kept as one (r_hat, r_hat) matrix instead of E, or factored with another expert's
+    matrix: three merged cycles (types 1 -> 2 -> 1) plus the live adapter, served by PEFT on the starting model."""
+    torch.manual_seed(8)
+    start = tiny_moe("qwen3_moe")
+    model = apply_mora(copy.deepcopy(start), MoRAConfig(r=2, mora_type=1, target_modules="all-linear"))
+    ids = torch.randint(0, TINY_VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    cb = _train(model, ReMoRACallback(merge_every=2, type_cycle=(1, 2), restart_warmup=0), 7, ids)
+    assert [c["mora_type"] for c in cb.cycles] == [1, 2, 1]
+    save_peft_lora(model, tmp_path / "run", cycles=cb.cycles)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(start), str(tmp_path / "run")).eval()
+    assert _max_diff(served, model.eval(), ids) <= ATOL
