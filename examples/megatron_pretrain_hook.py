@@ -1,17 +1,16 @@
-"""The lines a Megatron-LM ``pretrain_gpt.py`` user adds for MoRA / ReMoRA, marked ``# + mora``.
+"""MoRA / ReMoRA in a hand-written Megatron loop (the pieces ``MegatronLMRecipe`` installs into Megatron-LM's
+``pretrain()``), marked ``# + mora``.
 
-Megatron-LM's ``megatron.training`` is not a pip package, so ``main`` below replays, with megatron-core, what
-``pretrain()`` does with the provider: ``get_model`` (wrap in ``DistributedDataParallel``), the optimizer
-(``get_megatron_optimizer``: ``FP32Optimizer``) and ``train_step`` (the no-pipelining schedule written out,
-since megatron-core's allocates on CUDA: ``forward_step`` and backward per micro-batch under ``no_sync``, then
-``config.finalize_model_grads_func`` as the schedule calls it, then ``optimizer.step()``). ``model_provider`` and
-``forward_step`` are the script's own, unchanged. Runs on CPU in one process::
+For Megatron-LM's own ``pretrain_gpt.py`` use :class:`mora_dist.integrations.megatron_lm.MegatronLMRecipe`
+(``docs/megatron.md`` gives the three-line diff). A loop of your own adds what this file marks: wrap the model
+provider (MoRA, and a ``finalize_model_grads_func`` that keeps the tensor-parallel sum of replicated ``M``
+gradients), build ``MegatronReMoRA`` once the optimizer exists, and call ``remora.step(iteration)`` after
+``optimizer.step()``. ``main`` runs that with megatron-core: ``DistributedDataParallel``,
+``get_megatron_optimizer`` (``FP32Optimizer``), micro-batches under ``no_sync``, ``config.finalize_model_grads_func``
+as a schedule calls it, ``optimizer.step()``. ``model_provider`` and ``forward_step`` are a script's own,
+unchanged. Runs on CPU in one process::
 
     python examples/megatron_pretrain_hook.py
-
-In a real script the three marked lines are all there is: wrap the provider passed to ``pretrain()``, build
-``MegatronReMoRA`` once the optimizer exists, and call ``remora.step(iteration)`` after ``optimizer.step()``
-(Megatron-LM's ``train_step``).
 
 Spec: §3, §4.
 """

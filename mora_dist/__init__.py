@@ -54,6 +54,7 @@ _LAZY = {
     "finalize_model_grads": "mora_dist.parallel.mappings",
     "mora_model_provider": "mora_dist.integrations.megatron_lm",
     "MegatronReMoRA": "mora_dist.integrations.megatron_lm",
+    "MegatronLMRecipe": "mora_dist.integrations.megatron_lm",
     "ReMoRACallback": "mora_dist.training.remora",
     "ReLoRACallback": "mora_dist.training.remora",
     "Callback": "mora_dist.training.callbacks",

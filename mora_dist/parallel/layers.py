@@ -36,7 +36,7 @@ from torch import nn
 from mora_dist.config import MoRAConfig, resolve_dtype, resolve_mora_type
 from mora_dist.errors import MoRAConfigError, ShardingError
 from mora_dist.layer import MoRALayerMixin
-from mora_dist.merge import RESIDUAL
+from mora_dist.merge import RESIDUAL, new_residual
 from mora_dist.operators import MoRAOperator
 from mora_dist.parallel.layouts import ShardPlan, partition_ids, plan_shard
 from mora_dist.parallel.mappings import gather_matrix_shards, reduce_replicated_grad
@@ -266,6 +266,11 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         metadata["dp_cp_group"] = dp_group
         state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
         residual = getattr(self, RESIDUAL)
+        if residual is None and self.merge_compensation:
+            # Declared from the start (zeros until the first merge): a loader builds the sharded state dict of a
+            # fresh model (Megatron-LM's --load), which must already name the buffer a saved run had.
+            residual = new_residual(self._base_weight_shard())
+            setattr(self, RESIDUAL, residual)
         if residual is not None:
             # This rank's part of what a bf16 base could not hold at the merges: sharded exactly like the weight,
             # so a resumed run folds it into the next merge as the uninterrupted one does.

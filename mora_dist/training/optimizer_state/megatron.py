@@ -247,3 +247,88 @@ def set_adam_steps(optimizer: Any, steps: Sequence[float | None]) -> None:
                 state["step"] = torch.full_like(old, step)
             elif old is not None:
                 state["step"] = step
+
+
+def _float16_sharded_state_dict(self: Any, model_sharded_state_dict: dict, is_loading: bool = False,
+                                metadata: dict | None = None) -> dict:
+    """``Float16OptimizerWithFloat16Params.sharded_state_dict`` (megatron-core 0.16, optimizer.py 800-848) with
+    the optimizer-state ids mapped over every parameter in the torch optimizer's order, fp32 ones included.
+    megatron's maps only its bf16/fp16 parameters, so an fp32 ``M`` beside them (or alone: only ``M`` trains)
+    fails with "Param id 0 does not match any model sharded param", or pairs states with the wrong tensors
+    when fp32 and bf16 parameters interleave."""
+    # megatron-core is heavy: loaded only where megatron is used
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+
+    if is_loading:
+        self.init_state_fn(self.optimizer, self.config)
+    state_dict = self.state_dict()
+    ordered, ids_of_masters = [], {}
+    for g, (group, saved) in enumerate(zip(self.optimizer.param_groups, state_dict["optimizer"]["param_groups"])):
+        model_of_master = {id(m): p for m, p in zip(self.fp32_from_float16_groups[g], self.float16_groups[g])}
+        for param, param_id in zip(group["params"], saved["params"]):
+            ordered.append(model_of_master.get(id(param), param))
+            ids_of_masters[id(param)] = param_id
+    id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, iter(ordered))
+    state_dict["fp32_from_fp16_params"] = [
+        [make_sharded_optimizer_tensor(id_to_sharded[ids_of_masters[id(master)]], master,
+                                       prefix="optimizer.state.fp32_param") for master in masters]
+        for masters in state_dict["fp32_from_fp16_params"]
+    ]
+    step = self._extract_common_per_param_step(state_dict["optimizer"])
+    optim_state_to_sharding_state(state_dict["optimizer"], id_to_sharded, exclude_keys="step")
+    if step:
+        state_dict["optimizer"]["state"]["common_step"] = step
+    return state_dict
+
+
+def make_checkpointable(optimizer: Any) -> None:
+    """Let ``optimizer.sharded_state_dict`` / ``load_state_dict`` (what Megatron-LM's ``torch_dist`` ``--save`` /
+    ``--load`` call) carry MoRA's parameters exactly, in place and idempotently, on megatron-core 0.16:
+
+    - ``Float16OptimizerWithFloat16Params``: :func:`_float16_sharded_state_dict` (an fp32 ``M`` beside bf16
+      weights);
+    - ``DistributedOptimizer``: :func:`prepare_for_load` before a load; the load under ``no_grad`` (megatron copies
+      into the main shards with autograd on, and an fp32 ``M``'s shard is a view of a leaf that requires grad);
+      and the torch optimizer's step count saved beside the state (``mora_adam_step``) and restored with
+      :func:`set_adam_steps` (megatron restores a placeholder, so bias correction would restart).
+    """
+    import types
+
+    for leaf in _leaves(optimizer):
+        if getattr(leaf, "is_stub_optimizer", False) or leaf.__dict__.get("_mora_checkpointable"):
+            continue
+        kind = _kind(leaf)
+        if kind == "float16":
+            leaf.sharded_state_dict = types.MethodType(_float16_sharded_state_dict, leaf)
+        elif kind == "distributed":
+            _patch_distributed(leaf)
+        leaf._mora_checkpointable = True
+
+
+def _patch_distributed(leaf: Any) -> None:
+    save, load = leaf.sharded_state_dict, leaf.load_state_dict
+
+    def sharded_state_dict(model_sharded_state_dict: dict, is_loading: bool = False, *args: Any,
+                           **kwargs: Any) -> dict:
+        if is_loading:
+            prepare_for_load(leaf)
+        state = save(model_sharded_state_dict, is_loading, *args, **kwargs)
+        state[ADAM_STEP_KEY] = adam_steps(leaf)[0]
+        return state
+
+    def load_state_dict(state_dict: dict) -> Any:
+        step = state_dict.pop(ADAM_STEP_KEY, None)
+        with torch.no_grad():
+            result = load(state_dict)
+        if step is not None:
+            set_adam_steps(leaf, [step])
+        return result
+
+    leaf.sharded_state_dict, leaf.load_state_dict = sharded_state_dict, load_state_dict
+
+
+ADAM_STEP_KEY = "mora_adam_step"
