@@ -30,17 +30,15 @@ from mora_dist.training.optimizer_state import megatron as megatron_state
 logger = logging.getLogger(__name__)
 
 _ADAPTER_PREFIX = "mora_"
-# megatron-core 0.16's default distributed-optimizer format ("fully_sharded_model_space") is deprecated and
-# refused by its own ShardedTensor checks, and "fully_reshardable" cannot load torch.optim.AdamW's per-parameter
-# "step" (megatron's fallback without Apex/TE): "dp_reshardable" (resume at the same DP size) works with both.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
 
 
 def _chunks(model: nn.Module | list[nn.Module]) -> dict[str, nn.Module]:
     """Checkpoint key -> the model under megatron's wrappers (as Megatron-LM's ``unwrap_model``)."""
-    if isinstance(model, (list, tuple)):
-        return {f"model{i}": _unwrap(chunk) for i, chunk in enumerate(model)}
-    return {"model": _unwrap(model)}
+    chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
+    if len(chunks) == 1:  # Megatron-LM's keys: "model" for one chunk, "model0", "model1", ... under VPP
+        return {"model": _unwrap(chunks[0])}
+    return {f"model{i}": _unwrap(chunk) for i, chunk in enumerate(chunks)}
 
 
 def _tensor_keys(entry: Any) -> list[str]:
@@ -72,27 +70,80 @@ def drop_missing_adapter_keys(sharded_state_dict: dict, checkpoint_dir: str | os
     return dropped
 
 
-def save_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: CallbackList | None = None) -> None:
-    """Write ``engine.module`` (a model or list of chunks), ``engine.optimizer`` (a megatron optimizer; its
-    ``sharded_state_dict``), ``engine.lr_scheduler`` and ``engine.global_steps``, and the callbacks' state, with
-    ``dist_checkpointing.save``; atomically (a temporary folder renamed when every rank has written).
-    Collective: call on every rank."""
+def _trainable_sharded(engine: Any, model_state: dict[str, Any]) -> list[tuple[str, nn.Parameter, Any]]:
+    """``(name, parameter, its ShardedTensor or factory)`` of every trainable parameter, in model order.
+
+    Raises:
+        MoRAConfigError: a trainable parameter the model's ``sharded_state_dict`` does not declare.
+    """
+    # megatron-core is heavy: loaded only where megatron is used
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    sharded, _ = extract_sharded_tensors_and_factories(model_state)
+    by_data = {id(entry.data): entry for entry in nested_values(sharded)}
+    out = []
+    for key, chunk in _chunks(engine.module).items():
+        for name, param in chunk.named_parameters():
+            if not param.requires_grad:
+                continue
+            if id(param) not in by_data:
+                raise MoRAConfigError(f"trainable parameter {key}.{name} is not in the model's sharded_state_dict; "
+                                      "its optimizer state cannot be checkpointed")
+            out.append((f"{key}.{name}", param, by_data[id(param)]))
+    return out
+
+
+_STATE_PREFIX = "optimizer_model_space"
+_MASTER = "master"
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")  # megatron's Adam (no AMSGrad)
+
+
+def _optimizer_state(engine: Any, model_state: dict[str, Any], *, placeholders: bool) -> dict[str, Any]:
+    """Each trainable parameter's fp32 master and Adam moments as sharded tensors laid out like the parameter
+    itself (megatron's ``make_sharded_optimizer_tensor``), whatever the optimizer (FP32, Float16, distributed):
+    the checkpoint is then independent of TP, PP and DP, which a resume at another layout reshards like the
+    model. Values are full over the data-parallel group (:func:`get_full`, collective); ``placeholders``: empty
+    tensors to load into."""
+    # megatron-core is heavy: loaded only where megatron is used
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    out = {}
+    for name, param, sharded in _trainable_sharded(engine, model_state):
+        for key in (_MASTER, *_ADAM_KEYS):
+            if placeholders:
+                value = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            else:
+                value = megatron_state.get_full(engine.optimizer, param, None if key == _MASTER else key)
+                if value is None:  # before the first step: no moments yet
+                    value = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            out[f"{name}.{key}"] = make_sharded_optimizer_tensor(sharded, value, prefix=f"{_STATE_PREFIX}.{key}")
+    return out
+
+
+def save_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: CallbackList | None = None, *,
+                    client_state: dict[str, Any] | None = None) -> None:
+    """Write ``engine.module`` (a model or list of chunks), the optimizer state of its trainable parameters in
+    model space (:func:`_optimizer_state`), ``engine.lr_scheduler``, ``engine.global_steps``, and the callbacks'
+    state or ``client_state``, with ``dist_checkpointing.save``; atomically (a temporary folder renamed when every
+    rank has written). The checkpoint loads at any TP / PP / DP layout. Collective: call on every rank."""
     from megatron.core import dist_checkpointing  # megatron-core is heavy: loaded only where megatron is used
 
     state: dict[str, Any] = {}
     for key, chunk in _chunks(engine.module).items():
         state[key] = chunk.sharded_state_dict()
     if engine.optimizer is not None:
-        state["optimizer"] = engine.optimizer.sharded_state_dict(_model_state(state),
-                                                                metadata=_OPTIMIZER_METADATA)
+        state["optimizer"] = _optimizer_state(engine, _model_state(state), placeholders=False)
         state["adam_steps"] = megatron_state.adam_steps(engine.optimizer)
     if getattr(engine, "lr_scheduler", None) is not None:
         state["lr_scheduler"] = engine.lr_scheduler.state_dict()
     state["global_steps"] = int(engine.global_steps)
+    extra = dict(client_state or {})
     if callbacks is not None:
-        client_state: dict[str, Any] = {}
-        callbacks.on_save(engine, client_state)
-        state[CLIENT_STATE_KEY] = {"callbacks": callbacks.state_dict(), **client_state}
+        callbacks.on_save(engine, extra)
+        extra["callbacks"] = callbacks.state_dict()
+    if extra:
+        state[CLIENT_STATE_KEY] = extra
     final = os.path.abspath(checkpoint_dir)
     tmp = final + ".tmp"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -112,8 +163,8 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
 def load_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: CallbackList | None = None,
                     *, load_optimizer: bool = True) -> dict[str, Any]:
     """Load a checkpoint into ``engine.module`` (and, if it holds them, the optimizer, scheduler, step and
-    callbacks). A checkpoint of the plain base model loads into a MoRA model: the adapter entries it lacks keep
-    their values. Returns the rest of the stored client state. Collective.
+    callbacks), at any TP / PP / DP layout. A checkpoint of the plain base model loads into a MoRA model: the
+    adapter entries it lacks keep their values. Returns the rest of the stored client state. Collective.
 
     Raises:
         MoRAConfigError: ``callbacks`` given but the checkpoint holds no callback state.
@@ -127,11 +178,10 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
     for key, chunk in _chunks(engine.module).items():
         state[key] = chunk.sharded_state_dict()
         dropped[key] = drop_missing_adapter_keys(state[key], path)
-    with_optimizer = load_optimizer and engine.optimizer is not None and "optimizer" in common
+    with_optimizer = load_optimizer and engine.optimizer is not None and "adam_steps" in common
+    trainable = _trainable_sharded(engine, _model_state(state)) if with_optimizer else []
     if with_optimizer:
-        megatron_state.prepare_for_load(engine.optimizer)
-        state["optimizer"] = engine.optimizer.sharded_state_dict(_model_state(state), is_loading=True,
-                                                                metadata=_OPTIMIZER_METADATA)
+        state["optimizer"] = _optimizer_state(engine, _model_state(state), placeholders=True)
     loaded = dist_checkpointing.load(state, path)
     for key, chunk in _chunks(engine.module).items():
         result = chunk.load_state_dict(loaded[key], strict=False)
@@ -140,13 +190,20 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
             raise MoRAConfigError(f"checkpoint {path!r} does not match the model: missing {missing}, "
                                   f"unexpected {result.unexpected_keys}")
     if with_optimizer:
-        # megatron-core 0.16 copies into the main shards outside no_grad; an fp32 parameter's shard (M) is a
-        # view of a leaf that requires grad, so the copy must not be recorded.
-        with torch.no_grad():
-            engine.optimizer.load_state_dict(loaded["optimizer"])
+        megatron_state.ensure_adam_state(engine.optimizer)
+        values = loaded["optimizer"]
+        for name, param, _ in trainable:
+            megatron_state.set_full(engine.optimizer, param, values[f"{name}.{_MASTER}"])
+            for key in _ADAM_KEYS:
+                megatron_state.set_full(engine.optimizer, param, values[f"{name}.{key}"], key)
         megatron_state.set_adam_steps(engine.optimizer, common["adam_steps"])
-    if getattr(engine, "lr_scheduler", None) is not None and "lr_scheduler" in common:
-        engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and "lr_scheduler" in common:
+        scheduler.load_state_dict(common["lr_scheduler"])
+        # a torch scheduler's current rate lives in its optimizer's param groups, which are not stored here
+        if hasattr(scheduler, "get_last_lr") and hasattr(getattr(scheduler, "optimizer", None), "param_groups"):
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
     if "global_steps" in common:
         engine.global_steps = int(common["global_steps"])
     client_state = dict(common.get(CLIENT_STATE_KEY, {}))

@@ -204,13 +204,13 @@ class RestartCallback(Callback):
         fraction = state.zeroed_fraction(engine.optimizer, params)
         self.merged_steps.append(step)
         self.cycles.append(record)
-        delta_norm = math.sqrt(self._tp_sum(engine, sq_norm))
+        delta_norm = math.sqrt(self._model_parallel_sum(engine, sq_norm))
         metrics = {
             f"{self.prefix}/merges": float(self.merges),
             f"{self.prefix}/delta_norm": delta_norm,
             # what the base dtype could not absorb, relative to ||dW|| (carried to the next merge when
             # merge_compensation is on, lost otherwise; 0 for an fp32 base)
-            f"{self.prefix}/merge_residual": math.sqrt(self._tp_sum(engine, residual_sq)) / delta_norm
+            f"{self.prefix}/merge_residual": math.sqrt(self._model_parallel_sum(engine, residual_sq)) / delta_norm
             if delta_norm > 0 else 0.0,
             f"{self.prefix}/zeroed_fraction": fraction,
             **self._after_merge(layers),
@@ -231,14 +231,21 @@ class RestartCallback(Callback):
                 state.set_full(optimizer, param, new, key)
 
     @staticmethod
-    def _tp_sum(engine: Any, value: float) -> float:
-        """Sum over the tensor-parallel group (each rank's ``dW`` is a disjoint shard of the global one)."""
+    def _model_parallel_sum(engine: Any, value: float) -> float:
+        """Sum over the tensor x pipeline group: each rank's ``dW`` is a disjoint part of the model's (its TP
+        shard of its stage's layers), so the metrics are the whole model's on every layout."""
         mpu = getattr(engine, "mpu", None)
-        if mpu is None or not dist.is_initialized() or not hasattr(mpu, "get_tensor_model_parallel_group"):
+        if mpu is None or not dist.is_initialized():
+            return value
+        if hasattr(mpu, "get_model_parallel_group"):
+            group = mpu.get_model_parallel_group()
+        elif hasattr(mpu, "get_tensor_model_parallel_group"):
+            group = mpu.get_tensor_model_parallel_group()
+        else:
             return value
         device = engine.device if hasattr(engine, "device") else torch.device("cpu")  # NCCL needs device tensors
         t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, group=mpu.get_tensor_model_parallel_group())
+        dist.all_reduce(t, group=group)
         return float(t.item())
 
     def state_dict(self) -> dict[str, Any]:

@@ -79,3 +79,35 @@ def test_native_tp2_pp2_killed_run_resumes_exactly_and_exports(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
     for name, loss in held_out_losses(hf, 4).items():
         assert loss == pytest.approx(got[f"eval/{name}/loss"][4], rel=2e-2), name  # the run computes in bf16
+
+
+def _torchrun_at(out, nprocs: int, tp: int, pp: int, *extra: str) -> None:
+    cmd = _cmd(out, "--set", "model.dtype=float32", "--set", f"model.tensor_model_parallel_size={tp}",
+               "--set", f"model.pipeline_model_parallel_size={pp}", *extra)
+    cmd[cmd.index("--nproc-per-node") + 1] = str(nprocs)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=RUN_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+
+
+@pytest.mark.parametrize("nprocs, tp, pp", [(2, 1, 1), (4, 4, 1)], ids=["tp1-pp1-dp2", "tp4-pp1-dp1"])
+def test_native_checkpoint_resumes_at_another_layout(tmp_path, nprocs, tp, pp):
+    """A float32 run saved at TP = 2 x PP = 2 x DP = 1 (after the step-2 merge) resumes at another layout with the
+    same next steps as the uninterrupted run (1e-5): the base weights with the merged dW, every M and its Adam
+    moments and step, the schedule and the ReMoRA state are resharded. Catches optimizer state kept per rank
+    (it cannot follow a new layout), a stage's layers lost, and M resharded into the wrong rows."""
+    import shutil
+
+    ref_dir, out = tmp_path / "ref", tmp_path / "run"
+    _torchrun_at(ref_dir, 4, 2, 2)
+    ref = scalars(ref_dir)
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref_dir / "checkpoints" / "step_0000002", out / "checkpoints" / "step_0000002")
+    shutil.copy(ref_dir / "config.json", out / "config.json")
+    _torchrun_at(out, nprocs, tp, pp, "--resume")
+    got = scalars(out)
+    assert sorted(got["train/loss"]) == [3, 4]
+    for step in (3, 4):
+        assert abs(got["train/loss"][step] - ref["train/loss"][step]) < 1e-5, (step, got["train/loss"], ref)
+    assert got["remora/merges"][4] == 2.0
+    assert got["remora/delta_norm"][4] == pytest.approx(ref["remora/delta_norm"][4], rel=1e-5)

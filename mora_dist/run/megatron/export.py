@@ -27,7 +27,7 @@ from mora_dist.run.distributed import free_port
 from mora_dist.run.megatron import hf_weights
 from mora_dist.run.megatron.hf_weights import ROW_SPLIT, gather_shards
 from mora_dist.run.megatron.model import build_gpt, gpt_shape, init_model_parallel
-from mora_dist.run.megatron.native import read_native_module_states
+from mora_dist.run.megatron.native import load_native_run_into
 from mora_dist.targeting import plan_modules_to_save
 
 
@@ -71,10 +71,6 @@ def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
 
     cfg = read_run_config(run_dir)
     tp = cfg.model.tensor_model_parallel_size
-    if cfg.deepspeed is None:  # megatron-native run: every pipeline stage's file, names global
-        tp, states = read_native_module_states(run_dir, tag)
-    else:
-        states = [read_model_states(run_dir, tag, mp_rank=t) for t in range(tp)]
     _single_process_group()
     if not parallel_state.model_parallel_is_initialized():
         init_model_parallel(1, cfg.training.seed)
@@ -82,6 +78,13 @@ def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
               "virtual_pipeline_model_parallel_size": None}
     cfg1 = cfg.model_copy(update={"model": cfg.model.model_copy(update=single)})
     model = build_gpt(cfg1, cfg.model.vocab_size)
+    if cfg.deepspeed is None:  # megatron-native run: dist_checkpointing reshards it to TP = 1, PP = 1
+        client_state = load_native_run_into(model, run_dir, tag)
+        mora_type = saved_mora_type(client_state)
+        if mora_type is not None:
+            set_mora_type(model, mora_type)
+        return cfg, model.eval()
+    states = [read_model_states(run_dir, tag, mp_rank=t) for t in range(tp)]
     mora_type = saved_mora_type(states[0])
     if mora_type is not None:
         set_mora_type(model, mora_type)

@@ -8,11 +8,11 @@ distributed one) steps it, and every optimizer step runs megatron's pipeline sch
 (``get_forward_backward_func``) over the step's micro-batches. ReMoRA runs through the same callbacks, which
 see this module's :class:`NativeEngine` where they would see a DeepSpeed engine.
 
-Checkpoints: one file per rank (model under global names, the optimizer's moments and main params of this
-rank, scheduler, client state) plus ``layout.json``, written through
-:func:`mora_dist.run.checkpoint.save_checkpoint` (temp folder, then rename), so a kill leaves the previous
-checkpoint. They resume at the same layout. Export gathers the data-parallel rank 0 files of every
-(pipeline, tensor) rank into the TP = 1 model.
+Checkpoints: megatron-core ``dist_checkpointing`` (:mod:`mora_dist.training.dist_checkpoint`: the model's sharded
+tensors and each trainable parameter's fp32 master and Adam moments laid out like the parameter), plus
+``layout.json``, written through :func:`mora_dist.run.checkpoint.save_checkpoint` (temp folder, then rename), so
+a kill leaves the previous checkpoint. They resume at any TP / PP / DP layout the model allows, and export loads
+them into a TP = 1 model in one process.
 
 Spec: §3, §4, §5.
 """
@@ -30,7 +30,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mora_dist.model import trainable_summary
-from mora_dist.parallel.chunks import all_gather, global_state_dict, load_global_state_dict
 from mora_dist.parallel.mappings import finalize_model_grads
 from mora_dist.parallel.mpu import MegatronMPU
 from mora_dist.run.build import build_callbacks, scheduler_factory
@@ -38,14 +37,11 @@ from mora_dist.run.checkpoint import resume_tag
 from mora_dist.run.config import RunConfig
 from mora_dist.run.distributed import device
 from mora_dist.run.megatron.model import build_gpt_chunks, causal_inputs, init_model_parallel
+from mora_dist.training import dist_checkpoint
 
 logger = logging.getLogger(__name__)
 
 LAYOUT = "layout.json"
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
 
 
 def _forward_step(data_iterator, model):
@@ -145,75 +141,45 @@ class NativeEngine:
         return torch.tensor(self._schedule([batch], forward_only=True)[0])
 
     # ---- checkpoints (the interface run/checkpoint.py calls) ----
-    def _optimizer_state(self) -> list[dict[str, Any]]:
-        """Per inner optimizer: the torch optimizer's state (moments and step of this rank's main params) and
-        the main params themselves (the fp32 shard under the distributed optimizer). Resumed at the same layout
-        they line up index by index, so the resume is exact without megatron's reshardable formats."""
-        return [{"inner": opt.optimizer.state_dict(),
-                 "main": [p.detach().clone() for g in opt.optimizer.param_groups for p in g["params"]]}
-                for opt in _optimizers(self.optimizer)]
-
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool = False):
-        """Every rank writes ``<save_dir>/<tag>/rank_<r>.pt``; rank 0 adds ``layout.json``. Collective."""
+        """``<save_dir>/<tag>``: a megatron-core ``dist_checkpointing`` checkpoint (model, the optimizer state in
+        model space, scheduler, step, ``client_state``) that loads at any TP / PP / DP layout, plus
+        ``layout.json`` (the layout it was written at). Collective."""
         from megatron.core import parallel_state as ps  # megatron-core is heavy: only megatron runs load it
 
         folder = Path(save_dir) / tag
-        if dist.get_rank() == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        where = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                 ps.get_data_parallel_rank())
-        layout = all_gather(where, dist.group.WORLD)
-        state = {
-            "model": global_state_dict(self.module), "optimizer": self._optimizer_state(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "global_steps": self.global_steps, "client_state": client_state,
-        }
-        tmp = folder / f".{_rank_file(dist.get_rank())}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / _rank_file(dist.get_rank()))
+        dist_checkpoint.save_checkpoint(folder, self, client_state=client_state)
         if dist.get_rank() == 0:
             m = self.cfg.model
             (folder / LAYOUT).write_text(json.dumps({
                 "tensor_model_parallel_size": m.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": m.pipeline_model_parallel_size,
                 "virtual_pipeline_model_parallel_size": m.virtual_pipeline_model_parallel_size,
-                "ranks": [{"rank": r, "tp": t, "pp": p, "dp": d} for r, t, p, d in layout],
+                "data_parallel_size": ps.get_data_parallel_world_size(),
             }, indent=1))
+        dist.barrier()
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any]]:
-        """Restore model, optimizer (with the distributed optimizer's shards), scheduler and step from ``tag``."""
+        """Restore model, optimizer, scheduler and step from ``tag``, resharded to this run's layout."""
         folder = Path(load_dir) / tag
-        _check_layout(folder, self.cfg)
-        state = torch.load(folder / _rank_file(dist.get_rank()), map_location="cpu", weights_only=False)
-        load_global_state_dict(self.module, state["model"])
-        for opt, saved in zip(_optimizers(self.optimizer), state["optimizer"], strict=True):
-            opt.optimizer.load_state_dict(saved["inner"])
-            mains = [p for g in opt.optimizer.param_groups for p in g["params"]]
-            with torch.no_grad():  # an fp32 parameter's main copy may be a view of the parameter itself
-                for main, value in zip(mains, saved["main"], strict=True):
-                    main.copy_(value)
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.global_steps = int(state["global_steps"])
-        return str(folder), state["client_state"]
+        saved = json.loads((folder / LAYOUT).read_text())
+        m = self.cfg.model
+        now = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size)
+        then = (saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"],
+                saved["virtual_pipeline_model_parallel_size"])
+        if now[2] != then[2]:
+            raise RuntimeError(f"checkpoint {folder} was written with model.virtual_pipeline_model_parallel_size="
+                               f"{then[2]}, this run has {now[2]}: resume with the same value (TP and PP may "
+                               "change), or export the adapter and load_mora it into the new layout")
+        if now != then:
+            logger.info("resharding checkpoint %s from (TP, PP, VPP) = %s to %s", folder, then, now)
+        client_state = dist_checkpoint.load_checkpoint(folder, self)
+        return str(folder), client_state
 
 
 def _optimizers(optimizer: Any) -> list[Any]:
     """The optimizers inside a ``ChainedOptimizer`` (or the optimizer itself)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _check_layout(folder: Path, cfg: RunConfig) -> None:
-    saved = json.loads((folder / LAYOUT).read_text())
-    m = cfg.model
-    now = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size,
-           dist.get_world_size())
-    then = (saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"],
-            saved["virtual_pipeline_model_parallel_size"], len(saved["ranks"]))
-    if now != then:
-        raise RuntimeError(f"checkpoint {folder} was written at (TP, PP, VPP, world size) = {then}, this run is "
-                           f"{now}: resume with the same layout, or export the adapter and load it into the new "
-                           "layout")
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -277,20 +243,12 @@ class NativeBackend:
         return engine.train_step(batches)
 
 
-# ---------------------------------------------------------------- export: every stage's file -> TP = 1
-def read_native_module_states(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[int, list[dict]]:
-    """``(tp, [state of TP rank t])``: each TP rank's model state under global names, merged over the pipeline
-    stages of data-parallel rank 0 (what :func:`mora_dist.run.megatron.export.load_megatron_run_tp1` gathers)."""
+# ---------------------------------------------------------------- export: the checkpoint at TP = 1
+def load_native_run_into(model: nn.Module, run_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
+    """Load a native run's checkpoint ``tag`` (default: the one ``--resume`` picks) into ``model``, built at this
+    process's layout (TP = 1, PP = 1 for exports): ``dist_checkpointing`` reshards it. Returns the client state."""
+    from mora_dist.training.callbacks import TrainerEngineView
+
     ckpt = Path(run_dir) / "checkpoints"
     folder = ckpt / (tag or resume_tag(ckpt))
-    layout = json.loads((folder / LAYOUT).read_text())
-    tp = layout["tensor_model_parallel_size"]
-    states: list[dict] = [{} for _ in range(tp)]
-    client = None
-    for entry in layout["ranks"]:
-        if entry["dp"] != 0:
-            continue
-        state = torch.load(folder / _rank_file(entry["rank"]), map_location="cpu", weights_only=False)
-        states[entry["tp"]].update(state["model"])
-        client = state["client_state"]
-    return tp, [{"module": s, **client} for s in states]
+    return dist_checkpoint.load_checkpoint(folder, TrainerEngineView(model, None, None, 0))

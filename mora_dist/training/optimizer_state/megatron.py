@@ -217,6 +217,22 @@ def prepare_for_load(optimizer: Any) -> None:
         leaf._init_optimizer_states_with_dummy_values()
 
 
+@torch.no_grad()
+def ensure_adam_state(optimizer: Any) -> None:
+    """Give every master of a fresh optimizer zero Adam moments and step 0 (``torch.optim.AdamW`` creates them at
+    its first step), so a checkpoint's values can be written into them with :func:`set_full`."""
+    for leaf in _leaves(optimizer):
+        inner = getattr(leaf, "optimizer", None)
+        if getattr(leaf, "is_stub_optimizer", False) or inner is None:
+            continue
+        for group in inner.param_groups:
+            for master in group["params"]:
+                state = inner.state[master]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(master, dtype=torch.float32),
+                                 exp_avg_sq=torch.zeros_like(master, dtype=torch.float32))
+
+
 def adam_steps(optimizer: Any) -> list[float | None]:
     """Per leaf optimizer, the step count of its torch optimizer's state (``None`` without state)."""
     steps: list[float | None] = []
