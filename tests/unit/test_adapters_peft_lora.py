@@ -31,6 +31,16 @@ def _randomise(model, std=0.05):
             layer.mora_M.normal_(0, std)
 
 
+def _assert_merges_agree(served, model):
+    """PEFT's merge_and_unload of ``served`` equals our merge of ``model``, tensor by tensor (1e-6)."""
+    merged = served.merge_and_unload()
+    merge_mora(model)
+    ours = unload(model, merge=False).state_dict()
+    assert sorted(ours) == sorted(merged.state_dict())
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, ours[name], atol=1e-6, rtol=0, msg=name)
+
+
 def _adapted(arch, mora_type, **config):
     """``(base, model)``: identical base weights; the model with MoRA and a random M."""
     torch.manual_seed(3)
@@ -57,12 +67,7 @@ def test_peft_lora_reproduces_the_mora_model_and_its_merge(tmp_path, token_ids, 
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora")).eval()
     torch.testing.assert_close(_logits(served, token_ids), _logits(model, token_ids), atol=ATOL, rtol=0)
 
-    merged = served.merge_and_unload()
-    merge_mora(model)
-    ours = unload(model, merge=False).state_dict()
-    assert sorted(ours) == sorted(merged.state_dict())
-    for name, value in merged.state_dict().items():
-        torch.testing.assert_close(value, ours[name], atol=1e-6, rtol=0, msg=name)
+    _assert_merges_agree(served, model)
 
 
 def test_peft_lora_sizes_and_modules_to_save(tmp_path, token_ids):
@@ -213,12 +218,7 @@ def test_peft_lora_reproduces_expert_adapters_as_target_parameters(tmp_path, kin
     ids = torch.randint(0, TINY_VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
     assert _max_diff(served, model, ids) <= ATOL
 
-    merged = served.merge_and_unload()
-    merge_mora(model)
-    ours = unload(model, merge=False).state_dict()
-    assert sorted(ours) == sorted(merged.state_dict())
-    for name, value in merged.state_dict().items():
-        torch.testing.assert_close(value, ours[name], atol=1e-6, rtol=0, msg=name)
+    _assert_merges_agree(served, model)
 
 
 @pytest.mark.skipif(not FUSED_EXPERTS, reason="transformers < 5 keeps experts as nn.Linear lists")
