@@ -29,6 +29,10 @@ What it does, and why each piece is needed (Megatron-LM core_v0.16.1 ``megatron/
   bf16 weights (megatron-core 0.16's ``Float16OptimizerWithFloat16Params`` maps only its bf16 parameters:
   "Param id 0 does not match any model sharded param") and a fresh ``DistributedOptimizer`` can be loaded into
   (:func:`mora_dist.training.optimizer_state.megatron.make_checkpointable`).
+- A base model's ``torch_dist`` checkpoint (``--pretrained-checkpoint``) lacks ``mora_M``, which megatron-core's
+  default strictness refuses. The recipe's checkpoints carry the content-metadata flag
+  :data:`~mora_dist.parallel.layers.ADAPTERS_SAVED`; loading one without it leaves the adapters and the ReMoRA state
+  out of the loaded state dict (they start fresh) and refuses its optimizer state.
 - A type cycle usually changes how ``M`` is split over tensor-parallel ranks, which a run cannot do, so with
   more than one type and ``tensor_parallel_sharding="auto"`` the recipe replicates ``M``.
 
@@ -156,7 +160,12 @@ class _ReMoRAState(nn.Module):
         from megatron.core import parallel_state  # megatron-core is heavy: loaded only where megatron is used
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+        from mora_dist.parallel.layers import adapters_in_checkpoint, leave_out_of_load
+
         key = f"{prefix}_extra_state"
+        if not adapters_in_checkpoint(metadata):  # a base model's checkpoint: the run starts its first cycle
+            leave_out_of_load(self, {key})
+            return {}
         replica = (0, parallel_state.get_tensor_model_parallel_rank(),
                    parallel_state.get_data_parallel_rank(with_context_parallel=True))
         return {key: ShardedObject(key, self.get_extra_state(), (1,), (0,), replica_id=replica)}
@@ -320,6 +329,7 @@ class MegatronLMRecipe:
             config = dataclasses.replace(config, tensor_parallel_sharding="replicate")
         self.config, self.callback, self.load_base, self.check_every = config, callback, load_base, check_every
         self.remora: MegatronReMoRA | None = None
+        self._loading = False
         self.training = training if training is not None else importlib.import_module("megatron.training.training")
         patched = {"setup_model_and_optimizer": self._setup_model_and_optimizer, "train_step": self._train_step,
                    "get_megatron_optimizer": self._get_megatron_optimizer}
@@ -328,9 +338,39 @@ class MegatronLMRecipe:
             setattr(self.training, name, function)
 
     def model_provider(self, model_provider: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        """The script's provider with MoRA (and the ReMoRA state holder when there is a callback)."""
-        return mora_model_provider(model_provider, self.config, load_base=self.load_base,
-                                   carry_remora_state=self.callback is not None)
+        """The script's provider with MoRA (and the ReMoRA state holder when there is a callback), whose
+        checkpoints say that they hold the adapters (:meth:`_declare_adapters`)."""
+        provider = mora_model_provider(model_provider, self.config, load_base=self.load_base,
+                                       carry_remora_state=self.callback is not None)
+
+        @functools.wraps(provider)
+        def declaring_provider(*args: Any, **kwargs: Any) -> nn.Module:
+            return self._declare_adapters(provider(*args, **kwargs))
+
+        return declaring_provider
+
+    def _declare_adapters(self, model: nn.Module) -> nn.Module:
+        """Megatron-LM hands one ``metadata`` dict to ``model.sharded_state_dict`` and the optimizer's, and
+        stores it as the checkpoint's content metadata (checkpointing.py 587-639); on ``--load`` the dict is the
+        one read back (1575-1621). Saving, the flag :data:`ADAPTERS_SAVED` goes into it; loading a checkpoint
+        without the flag (a base model's, written without MoRA), the adapters are left out of what is loaded and
+        start fresh, where megatron-core's strict load would otherwise stop at the missing ``mora_M``."""
+        from mora_dist.parallel.layers import ADAPTERS_SAVED  # megatron-core is heavy: loaded where it is used
+
+        build = model.sharded_state_dict
+
+        @functools.wraps(build)
+        def sharded_state_dict(*args: Any, **kwargs: Any) -> Any:
+            metadata = kwargs.get("metadata", args[2] if len(args) > 2 else None)
+            if metadata is not None and ADAPTERS_SAVED not in metadata:
+                metadata[ADAPTERS_SAVED] = not self._loading
+                if self._loading:
+                    logger.info("the checkpoint holds no MoRA adapters (a base model's): M starts at zero and "
+                                "ReMoRA at its first cycle")
+            return build(*args, **kwargs)
+
+        model.sharded_state_dict = sharded_state_dict
+        return model
 
     def uninstall(self) -> None:
         for name, original in self._originals.items():
@@ -343,7 +383,11 @@ class MegatronLMRecipe:
         return optimizer
 
     def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-        model, optimizer, scheduler = self._originals["setup_model_and_optimizer"](*args, **kwargs)
+        self._loading = True  # the state dicts built in here are those --load / --pretrained-checkpoint read into
+        try:
+            model, optimizer, scheduler = self._originals["setup_model_and_optimizer"](*args, **kwargs)
+        finally:
+            self._loading = False
         if self.callback is not None and optimizer is not None:
             self.remora = MegatronReMoRA(self.callback, model, optimizer, check_every=self.check_every)
         return model, optimizer, scheduler

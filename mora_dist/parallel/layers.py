@@ -45,6 +45,30 @@ logger = logging.getLogger(__name__)
 
 _BASE = "base_layer."
 
+ADAPTERS_SAVED = "mora_dist_adapters"
+"""Key of a ``dist_checkpointing`` checkpoint's content metadata (the ``metadata`` dict megatron's
+``sharded_state_dict`` methods receive, which Megatron-LM stores with the checkpoint): ``True`` when the checkpoint
+holds MoRA's entries. Building the state dict to load one whose flag is ``False`` (a base model's), the adapter
+entries are left out and keep their fresh values; a missing flag means ``True``."""
+
+
+def adapters_in_checkpoint(metadata: dict | None) -> bool:
+    """Whether a sharded state dict built with ``metadata`` names MoRA's entries (see :data:`ADAPTERS_SAVED`)."""
+    return metadata is None or metadata.get(ADAPTERS_SAVED) is not False
+
+
+def _forget_left_out_keys(module: nn.Module, incompatible_keys) -> None:
+    left_out = module.__dict__.pop("_mora_left_out_keys", set())
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in left_out]
+
+
+def leave_out_of_load(module: nn.Module, keys: set[str]) -> None:
+    """``keys`` (full state-dict keys) were left out of the sharded state dict being loaded, by design: the next
+    ``load_state_dict`` does not report them missing, so a strict load (Megatron-LM's) passes."""
+    if "_mora_left_out_hook" not in module.__dict__:
+        module.__dict__["_mora_left_out_hook"] = module.register_load_state_dict_post_hook(_forget_left_out_keys)
+    module.__dict__.setdefault("_mora_left_out_keys", set()).update(keys)
+
 
 def _flatten_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State dicts read like the base layer's plus ``mora_M`` (``linear_qkv.weight``, not ``.base_layer.``),
@@ -260,11 +284,16 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """The base layer's sharded tensors under its usual keys, plus ``{prefix}mora_M``: split over TP like
         the base weight (global shape ``(r_hat, r_hat)``) when sharded, else one replica per TP rank; and the
-        merge residual ``{prefix}mora_base_residual`` (bf16/fp16 base) sharded like the weight."""
+        merge residual ``{prefix}mora_base_residual`` (bf16/fp16 base) sharded like the weight. Only the base
+        layer's when loading a checkpoint without adapters (:data:`ADAPTERS_SAVED` ``False``)."""
+        with_adapters = adapters_in_checkpoint(metadata)
         metadata = dict(metadata or {})
         dp_group = metadata.get("dp_cp_group") or parallel_state.get_data_parallel_group(with_context_parallel=True)
         metadata["dp_cp_group"] = dp_group
         state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not with_adapters:
+            leave_out_of_load(self, {f"{prefix}mora_M", f"{prefix}{RESIDUAL}"})
+            return state
         residual = getattr(self, RESIDUAL)
         if residual is None and self.merge_compensation:
             # Declared from the start (zeros until the first merge): a loader builds the sharded state dict of a

@@ -5,6 +5,8 @@ patches the real module). Line numbers cite training.py and checkpointing.py of 
 
 Only what the MoRA recipe meets is kept: one model chunk per pipeline stage (no virtual pipeline), a constant
 learning rate, ``torch_dist`` checkpoints. ``ARGS`` plays ``get_args()``; the test sets it before :func:`pretrain`.
+``ARGS.megatron_lm = "main"`` plays Megatron-LM main's ``train()`` instead, which assigns the finalize function only
+where none is set (training.py 4365-4366 at main d98e8a64dd).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -27,7 +30,8 @@ from megatron.core.utils import get_model_config
 
 ARGS = SimpleNamespace(bf16=False, use_distributed_optimizer=False, lr=1e-2, train_iters=8, micro_batch_size=2,
                        num_microbatches=2, seq_length=16, save=None, save_interval=None, load=None, iteration=0,
-                       dist_ckpt_strictness="assume_ok_unexpected", finalize_through_config=True)
+                       dist_ckpt_strictness="assume_ok_unexpected", finalize_through_config=True,
+                       pretrained_checkpoint=None, finetune=False, no_load_optim=False, megatron_lm="0.16")
 HISTORY: list[dict] = []  # per iteration: {"iteration", "loss"}
 
 
@@ -51,7 +55,7 @@ def setup_model_and_optimizer(model_provider_func, model_type, checkpointing_con
     config = OptimizerConfig(optimizer="adam", lr=ARGS.lr, weight_decay=0.0, clip_grad=1.0, bf16=ARGS.bf16,
                              use_distributed_optimizer=ARGS.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(config, model)
-    if ARGS.load is not None:
+    if ARGS.load is not None or ARGS.pretrained_checkpoint is not None:
         ARGS.iteration = load_checkpoint(model, optimizer, None)
     return model, optimizer, None
 
@@ -80,10 +84,14 @@ def train_step(forward_step_func, data_iterator, model, optimizer, opt_param_sch
 
 
 def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_iterator, config):
-    """training.py 2417-2860: the config hooks (2547-2565, finalize assigned unconditionally), the loop calling
-    ``train_step(..., iteration=iteration)`` (2795), ``iteration += 1`` (2839), then the periodic save."""
+    """training.py 2417-2860: the config hooks (2547-2565, finalize assigned unconditionally; on main only when
+    unset), the loop calling ``train_step(..., iteration=iteration)`` (2795), ``iteration += 1`` (2839), then the
+    periodic save."""
     config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads if ARGS.finalize_through_config else None
+    if not ARGS.finalize_through_config:
+        config.finalize_model_grads_func = None
+    elif ARGS.megatron_lm == "0.16" or config.finalize_model_grads_func is None:
+        config.finalize_model_grads_func = finalize_model_grads
     forward_backward_func = get_forward_backward_func()
     iteration = ARGS.iteration
     while iteration < ARGS.train_iters:
@@ -123,26 +131,30 @@ def _build_sharded_state_dict_metadata():
     return metadata
 
 
-def _state_dict(model, optimizer, iteration=None, is_loading=False):
+def _state_dict(model, optimizer, metadata, iteration=None, is_loading=False):
     """checkpointing.py generate_state_dict (877-945), ``torch_dist`` format, on the unwrapped model (504,
-    1504)."""
+    1504): one ``metadata`` dict for the model and the optimizer (600-601, 1620-1621)."""
     model = unwrap_model(model)
-    metadata = _build_sharded_state_dict_metadata()
     state_dict = {"checkpoint_version": 3.0}
     if iteration is not None:
         state_dict["iteration"] = iteration
     state_dict["model"] = model[0].sharded_state_dict(metadata=metadata)
-    state_dict["optimizer"] = optimizer.sharded_state_dict(state_dict, is_loading=is_loading, metadata=metadata)
+    if optimizer is not None:
+        state_dict["optimizer"] = optimizer.sharded_state_dict(state_dict, is_loading=is_loading,
+                                                               metadata=metadata)
     return state_dict
 
 
 def save_checkpoint(iteration, model, optimizer, opt_param_scheduler):
-    """checkpointing.py save_checkpoint: generate_state_dict, ``dist_checkpointing.save`` (635), the tracker."""
+    """checkpointing.py save_checkpoint: the metadata (587), generate_state_dict (593), ``dist_checkpointing.save``
+    with that metadata as the checkpoint's content metadata (635-639), the tracker."""
     name = os.path.join(ARGS.save, f"iter_{iteration:07d}")
     if dist.get_rank() == 0:
         os.makedirs(name, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_state_dict(model, optimizer, iteration), name)
+    metadata = _build_sharded_state_dict_metadata()
+    state_dict = _state_dict(model, optimizer, metadata, iteration)
+    dist_checkpointing.save(state_dict, name, content_metadata=_clean_metadata_for_serialization(metadata))
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(ARGS.save, "latest_checkpointed_iteration.txt"), "w") as f:
@@ -151,21 +163,32 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler):
 
 
 def load_checkpoint(model, optimizer, opt_param_scheduler):
-    """checkpointing.py load_checkpoint: the tracker, ``dist_checkpointing.load`` with --dist-ckpt-strictness
-    (1130), ``model.load_state_dict(state_dict['model'], strict=True)`` (1762), ``optimizer.load_state_dict``
-    (1794). Returns the iteration."""
-    with open(os.path.join(ARGS.load, "latest_checkpointed_iteration.txt")) as f:
+    """checkpointing.py load_checkpoint: --pretrained-checkpoint when --load holds none (1494-1502, which sets
+    --finetune), the tracker, the content metadata of the checkpoint (1575) handed to the model's and the
+    optimizer's sharded_state_dict (1620-1621; no optimizer under --finetune / --no-load-optim, 1579),
+    ``dist_checkpointing.load`` with --dist-ckpt-strictness (1130), ``model.load_state_dict(state_dict['model'],
+    strict=True)`` (1762), ``optimizer.load_state_dict`` (1794). Returns the iteration (0 under --finetune)."""
+    load_dir = ARGS.load
+    if load_dir is None or not os.path.exists(os.path.join(load_dir, "latest_checkpointed_iteration.txt")):
+        load_dir, ARGS.finetune = ARGS.pretrained_checkpoint, True
+    with open(os.path.join(load_dir, "latest_checkpointed_iteration.txt")) as f:
         iteration = int(f.read())
-    sharded = _state_dict(model, optimizer, is_loading=True)
-    name = os.path.join(ARGS.load, f"iter_{iteration:07d}")
+    name = os.path.join(load_dir, f"iter_{iteration:07d}")
+    metadata = dist_checkpointing.load_content_metadata(name) or {}
+    metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    with_optimizer = not ARGS.finetune and not ARGS.no_load_optim
+    sharded = _state_dict(model, optimizer if with_optimizer else None, metadata, is_loading=True)
     state_dict = dist_checkpointing.load(sharded, name, strict=ARGS.dist_ckpt_strictness)
     model[0].load_state_dict(state_dict["model"], strict=True)
-    optimizer.load_state_dict(state_dict["optimizer"])
-    return state_dict["iteration"]
+    if with_optimizer:
+        optimizer.load_state_dict(state_dict["optimizer"])
+    return 0 if ARGS.finetune else state_dict["iteration"]
 
 
 def reset() -> None:
     """Back to the defaults (one harness per worker process)."""
     HISTORY.clear()
     ARGS.__dict__.update(bf16=False, use_distributed_optimizer=False, save=None, save_interval=None, load=None,
-                         iteration=0, finalize_through_config=True)
+                         micro_batch_size=2,
+                         iteration=0, finalize_through_config=True, pretrained_checkpoint=None, finetune=False,
+                         no_load_optim=False, megatron_lm="0.16")

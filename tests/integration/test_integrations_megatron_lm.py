@@ -92,23 +92,29 @@ def test_remora_under_bf16_zeroes_m_in_the_module_and_the_fp32_master():
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
-def _batches(start_iteration, num_microbatches=2, micro_batch=2, seq=16, vocab=128):
-    """Micro-batches from ``start_iteration`` on, each a function of (iteration, micro-batch, DP rank)."""
+def _batches(start_iteration, seq=16, vocab=128):
+    """Micro-batches from ``start_iteration`` on: micro-batch ``i`` of an iteration is a function of (iteration,
+    i) over all DP ranks, each rank reading its ``--micro-batch-size`` rows (the same global batch at DP 1 with
+    two rows as at DP 2 with one)."""
     import itertools
 
     import torch
     from megatron.core import parallel_state
 
-    dp = parallel_state.get_data_parallel_rank()
+    from tests.helpers.megatron_lm import ARGS
+
+    dp, rows = parallel_state.get_data_parallel_rank(), ARGS.micro_batch_size
     for iteration in itertools.count(start_iteration):
-        for i in range(num_microbatches):
-            g = torch.Generator().manual_seed(10_000 * iteration + 100 * i + dp)
-            data = torch.randint(0, vocab, (micro_batch, seq + 1), generator=g)
+        for i in range(ARGS.num_microbatches):
+            g = torch.Generator().manual_seed(10_000 * iteration + 100 * i)
+            data = torch.randint(0, vocab, (rows * parallel_state.get_data_parallel_world_size(), seq + 1),
+                                 generator=g)[dp * rows:(dp + 1) * rows]
             yield data[:, :-1], data[:, 1:]
 
 
-def _pretrain(example, harness, *, iters, grad_sync="step", **args):
-    """One Megatron-LM ``pretrain()`` (the harness) with the recipe; returns what the parent compares."""
+def _pretrain(example, harness, *, iters, grad_sync="step", mora=True, **args):
+    """One Megatron-LM ``pretrain()`` (the harness) with the recipe (``mora=False``: the plain model, every
+    weight trained); returns what the parent compares."""
     import torch
     from megatron.core import parallel_state
 
@@ -135,6 +141,10 @@ def _pretrain(example, harness, *, iters, grad_sync="step", **args):
             model.config.pipeline_dtype = torch.bfloat16
         return model
 
+    if not mora:
+        recipe.uninstall()
+        harness.pretrain(_batches, provider, None, example.forward_step)
+        return {"losses": {h["iteration"]: h["loss"] for h in harness.HISTORY}}
     try:
         model, optimizer, _ = harness.pretrain(_batches, recipe.model_provider(provider), None, example.forward_step)
         layers = list(mora_layers(model[0]))
@@ -250,3 +260,69 @@ def test_megatron_lm_save_load_resumes_the_remora_cycle_exactly(tmp_path, tp, pp
         for name, M in full["global_M"].items():
             torch.testing.assert_close(torch.tensor(resumed["global_M"][name]), torch.tensor(M), atol=1e-5, rtol=0,
                                        msg=name)
+
+
+def test_megatron_lm_main_train_keeps_the_finalize_function_it_finds():
+    """Megatron-LM main's ``train()`` assigns ``finalize_model_grads`` only where the config has none
+    (training.py 4365-4366): the provider's function, with the TP sum, stays. TP = 2 equals TP = 1 there too."""
+    import torch
+
+    one = run_workers(_pretrain_worker, 1, 1, [("run", {"iters": 4, "megatron_lm": "main"})], timeout_s=300)[0]
+    two = run_workers(_pretrain_worker, 2, 2, [("run", {"iters": 4, "megatron_lm": "main"})], timeout_s=300)
+    assert one["run"]["merges"] == 1
+    for rank in two:
+        for it, loss in one["run"]["losses"].items():
+            assert abs(rank["run"]["losses"][it] - loss) < 1e-5, (it, rank["run"]["losses"][it], loss)
+    for name, M in two[0]["run"]["local_M"].items():
+        assert abs(M).max() > 0, name
+        torch.testing.assert_close(torch.tensor(two[1]["run"]["local_M"][name]), torch.tensor(M), atol=1e-6, rtol=0,
+                                   msg=name)
+
+
+def test_megatron_lm_base_checkpoint_loads_without_strictness_flags(tmp_path):
+    """A checkpoint Megatron-LM wrote for the plain model (no MoRA keys) loads at the default
+    ``--dist-ckpt-strictness`` through ``--pretrained-checkpoint``: the recipe's first loss is the base weights'
+    (the plain model's first loss from the same checkpoint) and not a fresh model's. The run's own checkpoints
+    say they hold the adapters, so its restart (``--load`` now holds one) resumes M and the cycle exactly: losses
+    5-8 equal an uninterrupted run's. Loading the base checkpoint's optimizer state into MoRA's is refused,
+    naming ``--finetune``."""
+    base, run = str(tmp_path / "base"), str(tmp_path / "run")
+    start = {"pretrained_checkpoint": base, "load": run}
+    runs = [("base", {"iters": 2, "mora": False, "save": base, "save_interval": 2}),
+            ("plain", {"iters": 1, "mora": False, "pretrained_checkpoint": base}),
+            ("fresh", {"iters": 1}),
+            ("full", {"iters": 8, **start}),
+            ("first", {"iters": 4, "save": run, "save_interval": 4, **start}),
+            ("resumed", {"iters": 8, **start}),
+            ("optimizer", {"iters": 1, "load": base})]
+    for rank in run_workers(_pretrain_worker, 2, 2, runs, timeout_s=400):
+        first_loss = rank["full"]["losses"][1]
+        assert abs(first_loss - rank["plain"]["losses"][1]) < 1e-6, (first_loss, rank["plain"]["losses"][1])
+        assert abs(first_loss - rank["fresh"]["losses"][1]) > 1e-3
+        assert sorted(rank["resumed"]["losses"]) == [5, 6, 7, 8]
+        for it, loss in rank["resumed"]["losses"].items():
+            assert abs(loss - rank["full"]["losses"][it]) < 1e-5, (it, loss, rank["full"]["losses"][it])
+        assert rank["resumed"]["merges"] == rank["full"]["merges"] == 2
+        assert "holds no MoRA adapters" in rank["optimizer"]["error"]
+        assert "--finetune" in rank["optimizer"]["error"]
+
+
+def test_megatron_lm_load_reshards_across_layouts(tmp_path):
+    """Megatron-LM's own ``--save`` at TP = 2 and ``--load`` at TP = 1 x DP = 2 (fp32; the same global batch):
+    the resumed losses 5-8 (mean over DP ranks) and the final global M equal the uninterrupted TP = 2 run's."""
+    import numpy as np
+
+    save = {"save": str(tmp_path / "ckpt"), "save_interval": 4}
+    tp2 = run_workers(_pretrain_worker, 2, 2, [("full", {"iters": 8}), ("first", {"iters": 4, **save})],
+                      timeout_s=400)
+    dp2 = run_workers(_pretrain_worker, 2, 1, [("resumed", {"iters": 8, "micro_batch_size": 1,
+                                                            "load": str(tmp_path / "ckpt")})], timeout_s=400)
+    full = tp2[0]["full"]
+    assert sorted(dp2[0]["resumed"]["losses"]) == [5, 6, 7, 8]
+    for it, loss in full["losses"].items():
+        if it > 4:
+            mean = np.mean([rank["resumed"]["losses"][it] for rank in dp2])
+            assert abs(mean - loss) < 1e-5, (it, mean, loss)
+    assert dp2[0]["resumed"]["merges"] == full["merges"] == 2
+    for name, M in full["global_M"].items():
+        np.testing.assert_allclose(dp2[0]["resumed"]["global_M"][name], M, atol=1e-5, rtol=0, err_msg=name)

@@ -311,6 +311,9 @@ def make_checkpointable(optimizer: Any) -> None:
       into the main shards with autograd on, and an fp32 ``M``'s shard is a view of a leaf that requires grad);
       and the torch optimizer's step count saved beside the state (``mora_adam_step``) and restored with
       :func:`set_adam_steps` (megatron restores a placeholder, so bias correction would restart).
+
+    Every kind refuses to load the optimizer state of a checkpoint without MoRA adapters (a base model's: its
+    moments belong to the base weights, none to ``M``), naming the flags that skip it.
     """
     import types
 
@@ -322,7 +325,24 @@ def make_checkpointable(optimizer: Any) -> None:
             leaf.sharded_state_dict = types.MethodType(_float16_sharded_state_dict, leaf)
         elif kind == "distributed":
             _patch_distributed(leaf)
+        _refuse_base_optimizer_state(leaf)
         leaf._mora_checkpointable = True
+
+
+def _refuse_base_optimizer_state(leaf: Any) -> None:
+    from mora_dist.parallel.layers import adapters_in_checkpoint  # megatron-core is heavy: loaded where used
+
+    build = leaf.sharded_state_dict
+
+    def sharded_state_dict(model_sharded_state_dict: dict, is_loading: bool = False, *args: Any,
+                           **kwargs: Any) -> dict:
+        if is_loading and not adapters_in_checkpoint(kwargs.get("metadata")):
+            raise MoRAError("the checkpoint being loaded holds no MoRA adapters (a base model's), so its optimizer "
+                            "state is the base weights' and none is M's: load it with --finetune or "
+                            "--no-load-optim (Megatron-LM), or pass it as --pretrained-checkpoint")
+        return build(model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    leaf.sharded_state_dict = sharded_state_dict
 
 
 def _patch_distributed(leaf: Any) -> None:
