@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mora_dist.run.distributed import init_distributed
     from mora_dist.run.failures import PeerFailed
+    from mora_dist.run.preemption import EXIT_PREEMPTED, Preempted
 
     out = Path(cfg.training.output_dir)
     created = not out.exists()
@@ -141,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # no interpreter teardown: engine threads and the process group must not hang the exit
+    except Preempted as exc:
+        if rank == 0:
+            logger.warning("%s (exit code %d)", exc, EXIT_PREEMPTED)
+        dist.barrier()  # every rank's part of the checkpoint is written before any rank leaves
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -185,6 +185,8 @@ class TrainingSection(_Section):
     # CPU only: intra-op threads per rank (None: $OMP_NUM_THREADS, else cores / local ranks). Small models run
     # fastest on one thread per rank; more threads than free cores slow every rank down many times over.
     cpu_threads: int | None = Field(default=None, gt=0)
+    # Signals that end the run at the next step boundary with a checkpoint (mora_dist/run/preemption.py); [] off.
+    exit_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = ["SIGTERM", "SIGUSR1"]
 
 
 class LoggingSection(_Section):

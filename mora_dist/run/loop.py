@@ -3,7 +3,8 @@
 A back end (:class:`~mora_dist.run.engine.Backend`: Hugging Face in :mod:`mora_dist.run.hf`, megatron-core in
 :mod:`mora_dist.run.megatron`) builds the engine and computes the loss of a batch; the loop is the same for all.
 Order within a step (the order ReMoRA's exactly-once merge relies on): ``engine.step()`` for every micro-batch,
-``callbacks.on_step_end`` (merges), metrics, evaluation, checkpoint. Spec: §3, §5.
+``callbacks.on_step_end`` (merges), metrics, evaluation, checkpoint, then the preemption check
+(:mod:`mora_dist.run.preemption`: a signalled run saves this step and stops). Spec: §3, §5.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mora_dist.run.failures import agree
 from mora_dist.run.hf import HFBackend
 from mora_dist.run.megatron.model import MegatronBackend
 from mora_dist.run.megatron.native import NativeBackend
+from mora_dist.run.preemption import Preempted, PreemptionGuard
 from mora_dist.training.callbacks import CLIENT_STATE_KEY
 from mora_dist.training.metrics import ProgressLine, make_metric_logger, perplexity
 
@@ -100,6 +102,7 @@ class Trainer:
                                           resume_step=self.step if resume else None)
         self.start_step = self.step
         self.last: dict[str, float] = {}  # the latest value of every logged figure, for the summary
+        self.preemption = PreemptionGuard(cfg.training.exit_signals)
 
     def _client_state(self) -> dict[str, Any]:
         state = {"step": self.step, "samples_consumed": self.step * self.cfg.training.global_batch_size,
@@ -133,6 +136,10 @@ class Trainer:
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         try:
             self._train(data, accum, progress, tokens_per_step)
+        except Preempted:
+            raise  # the handlers stay: the launcher's own SIGTERM may follow while this process exits
+        else:
+            self.preemption.close()
         finally:  # also when a rank failed: the event file is complete up to the last logged step
             self.metrics.close()
 
@@ -178,8 +185,11 @@ class Trainer:
             merged = "merged" if "remora/merges" in logs or "relora/merges" in logs else ""
             extra = " | ".join(x for x in (_eval_text(logs, data.eval_sets), merged) if x)
             progress.update(self.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / elapsed, extra=extra)
-            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
+            stop = self.preemption.stop_now()
+            if stop or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
                 save_step_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
+            if stop and self.step < t.max_steps:
+                raise Preempted(self.step, stop)
 
     def summary(self, export_command: str) -> str:
         """What this invocation did and where its results are (printed by the launcher on rank 0)."""

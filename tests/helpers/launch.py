@@ -110,3 +110,35 @@ def raw_scalar_steps(run_dir: str | Path) -> dict[str, list[int]]:
                 out.setdefault(value.tag, []).append(event.step)
     return out
 
+
+
+def start(cmd: list[str], log: str | Path) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own, its output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: str | Path, tag: str) -> None:
+    """Return once checkpoint ``tag`` (or a later one) of the running ``proc`` is complete."""
+    from mora_dist.run.checkpoint import latest_tag
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (latest_tag(Path(run_dir) / "checkpoints") or "") < tag:
+        assert proc.poll() is None, f"the run ended (rc={proc.returncode}) before checkpoint {tag}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+def rank_processes(proc: subprocess.Popen) -> list:
+    """The training ranks under the launcher ``proc`` (psutil processes running the script, not a launcher)."""
+    import psutil
+
+    ranks = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:  # gone meanwhile
+            continue
+        if any(arg.endswith("launch/pretrain.py") for arg in cmdline) and not any("launcher" in a for a in cmdline):
+            ranks.append(child)
+    return ranks

@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import transformers
 
 from mora_dist.run.checkpoint import latest_tag
+from mora_dist.run.distributed import free_port
 from mora_dist.run.hf import load_hf_run_model
 from tests.helpers.launch import (
     FAST,
@@ -22,9 +26,12 @@ from tests.helpers.launch import (
     export_in_process,
     kill_after_checkpoint,
     launch_cmd,
+    rank_processes,
     raw_scalar_steps,
     run,
     scalars,
+    start,
+    wait_for_checkpoint,
 )
 
 
@@ -133,6 +140,53 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     steps = raw_scalar_steps(out)["train/loss"]
     assert sorted(steps) == list(range(1, 81)), "a step the killed run logged after its checkpoint is in twice"
+
+
+def test_preempted_run_saves_on_the_signal_and_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
+    """Two warnings of a scheduler. SIGUSR1 to every rank under the ``deepspeed`` launcher (SLURM's
+    ``--signal=USR1@90``), and again 50 ms later, into the save; then, resumed under ``torchrun``, SIGTERM to
+    ``torchrun`` alone, which passes it on to the ranks. Each time the run saves the step it is at (not a periodic
+    checkpoint: those are every 10 steps) and stops, the ``deepspeed`` launcher with exit code 75; resumed again,
+    it follows the uninterrupted run's losses and merges. Catches a signal that kills the ranks (nothing saved
+    since the last periodic checkpoint), ranks that stop at different steps (the save hangs), a second signal
+    that breaks the save."""
+    from mora_dist.run.preemption import EXIT_PREEMPTED
+
+    ref = scalars(tiny_run[0])
+    out = tmp_path / "run"
+    sets = [*FAST, f"training.output_dir={out}"]
+    proc = start(launch_cmd(2, TINY, sets), tmp_path / "first.log")
+    wait_for_checkpoint(proc, out, "step_0000010")
+    ranks = rank_processes(proc)
+    assert len(ranks) == 2, ranks
+    for delay in (0.0, 0.05):
+        time.sleep(delay)
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):  # a rank may be gone already
+                rank.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=RUN_TIMEOUT_S) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-4000:]
+    first = latest_tag(out / "checkpoints")
+    assert "step_0000011" <= first < "step_0000080" and int(first[-7:]) % 10, first
+    assert f"stopped on SIGUSR1 after step {int(first[-7:])}" in (tmp_path / "first.log").read_text()
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), *launch_cmd(2, TINY, sets, "--resume")[7:]]
+    proc = start(torchrun, tmp_path / "second.log")
+    wait_for_checkpoint(proc, out, f"step_{(int(first[-7:]) // 10 + 1) * 10:07d}")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=RUN_TIMEOUT_S) != 0
+    second = latest_tag(out / "checkpoints")
+    log = (tmp_path / "second.log").read_text()
+    assert f"stopped on SIGTERM after step {int(second[-7:])}" in log, log[-4000:]
+    assert second < "step_0000080" and int(second[-7:]) % 10, second
+
+    run(2, TINY, sets, "--resume")
+    got = scalars(out)
+    assert sorted(got["train/loss"]) == list(range(1, 81))
+    for step in range(1, 81):
+        assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
+    assert sorted(got["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
 
 ZERO3_BF16 = [

@@ -59,10 +59,12 @@ def test_set_overrides_nested_keys_list_items_and_json_values():
         ({"model.backend": "megatron"}, ["tensor_parallel_sharding='replicate'"]),
         ({"mora.tensor_parallel_grad_sync": "step"},
          ["mora.tensor_parallel_grad_sync='step' is not performed by the DeepSpeed training loop", "'backward'"]),
+        ({"training.exit_signals": ["SIGKILL"]}, ["training.exit_signals", "'SIGKILL'", "SIGUSR1"]),
     ],
     ids=["unknown-key", "unknown-mora-key", "wrong-type", "out-of-range", "bad-mora-type", "missing-corpus",
          "missing-tokenizer", "batch-not-multiple", "type-cycle-mismatch", "cycle-misaligned", "ds-batch-key",
-         "missing-checkpoint", "mora-and-lora", "megatron-type-cycle-sharding", "step-sync-under-deepspeed"],
+         "missing-checkpoint", "mora-and-lora", "megatron-type-cycle-sharding", "step-sync-under-deepspeed",
+         "uncatchable-exit-signal"],
 )
 def test_bad_config_message_names_key_value_and_fix(edits, expected):
     message = _error(_raw(**edits))
