@@ -62,13 +62,12 @@ class PreemptionGuard:
         rank received (the lowest such rank's), or ``None`` to go on."""
         if not self._previous:
             return None
-        names = sorted(self._previous)
-        mine = names.index(signal.Signals[self.received].value) + 1 if self.received else 0
         flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device())
-        flags[dist.get_rank()] = mine
+        if self.received:
+            flags[dist.get_rank()] = signal.Signals[self.received].value  # a signal number is never 0
         dist.all_reduce(flags)
         hit = flags.nonzero().flatten().tolist()
-        return signal.Signals(names[int(flags[hit[0]]) - 1]).name if hit else None
+        return signal.Signals(int(flags[hit[0]])).name if hit else None
 
     def close(self) -> None:
         """Restore the handlers that were installed before."""
