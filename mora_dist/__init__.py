@@ -59,6 +59,7 @@ _LAZY = {
     "ReLoRACallback": "mora_dist.training.remora",
     "Callback": "mora_dist.training.callbacks",
     "CallbackList": "mora_dist.training.callbacks",
+    "shard_residuals": "mora_dist.training.residual_shards",
 }
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from mora_dist.config import MoRAConfig, resolve_dtype, resolve_mora_type
 from mora_dist.errors import MoRAConfigError
 from mora_dist.layer import MoRALayerMixin
-from mora_dist.merge import FoldNorms, fold_layer
+from mora_dist.merge import SHARD, FoldNorms, fold_layer, sync_weight
 from mora_dist.operators import MoRAOperator, check_r_hat
 from mora_dist.targeting import name_matches
 
@@ -200,8 +200,10 @@ class MoRAExpertProjection(MoRALayerMixin, nn.Module):
         M = self.mora_M if M is None else M
         delta_sq = residual_sq = 0.0
         for e, M_e in enumerate(M.unbind(0)):
-            norms = fold_layer(self, self.expert_delta_weight(M_e), part=e)
+            norms = fold_layer(self, self.expert_delta_weight(M_e), part=e, sync=False)
             delta_sq, residual_sq = delta_sq + norms.delta_sq, residual_sq + norms.residual_sq
+        if getattr(self, SHARD, None) is not None:
+            sync_weight(self)
         if reinit:
             self.mora_M.zero_()
         return FoldNorms(delta_sq, residual_sq)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from mora_dist.run.config import validate_run_config
 from mora_dist.training.callbacks import CLIENT_STATE_KEY
+from mora_dist.training.residual_shards import load_residual_shards, read_residual_shards, save_residual_shards
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def save_step_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
     engine.save_checkpoint(str(save_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    save_residual_shards(engine.module, save_dir / tmp_tag)
     dist.barrier()
     final = save_dir / tag
     if dist.get_rank() == 0:
@@ -138,6 +140,7 @@ def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any]:
     path, client_state = engine.load_checkpoint(str(save_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {save_dir}")
+    load_residual_shards(engine.module, Path(save_dir) / tag)
     logger.info("resumed from %s (step %s)", path, client_state.get("step"))
     return client_state
 
@@ -150,7 +153,8 @@ def read_run_config(run_dir: str | os.PathLike):
 def read_model_states(run_dir: str | os.PathLike, tag: str | None = None, *, mp_rank: int = 0) -> dict[str, Any]:
     """DeepSpeed's ``mp_rank_XX_model_states.pt`` of checkpoint ``tag`` (default: ``latest``) of a run.
 
-    Holds ``module`` (the full module state dict, frozen base weights included) and our client state.
+    Holds ``module`` (the full module state dict, frozen base weights included, and the bf16 merge residuals
+    reassembled from their shards) and our client state.
     """
     ckpt = Path(run_dir) / "checkpoints"
     tag = tag or latest_tag(ckpt)
@@ -159,7 +163,9 @@ def read_model_states(run_dir: str | os.PathLike, tag: str | None = None, *, mp_
     path = ckpt / tag / f"mp_rank_{mp_rank:02d}_model_states.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; tags there: {[d.name for _, d in list_checkpoints(ckpt)]}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    states = torch.load(path, map_location="cpu", weights_only=False)
+    states["module"].update(read_residual_shards(ckpt / tag))
+    return states
 
 
 def read_fp32_masters(run_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:

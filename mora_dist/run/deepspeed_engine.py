@@ -17,6 +17,7 @@ from torch import nn
 
 from mora_dist.run.build import scheduler_factory
 from mora_dist.run.config import RunConfig
+from mora_dist.training.residual_shards import shard_residuals
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,13 @@ def deepspeed_config(cfg: RunConfig, accum: int, *, load_universal: bool = False
 
 
 def build_engine(cfg: RunConfig, model: nn.Module, accum: int, *, mpu: Any = None, load_universal: bool = False):
-    """``deepspeed.initialize`` on the trainable parameters; returns the engine."""
+    """``deepspeed.initialize`` on the trainable parameters; returns the engine. Without ``mpu`` (the Hugging Face
+    back end) the bf16 merge compensation buffers are sharded over the ZeRO group
+    (:mod:`mora_dist.training.residual_shards`): each rank keeps ``1/N`` of them."""
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                            config=deepspeed_config(cfg, accum, load_universal=load_universal),
                                            lr_scheduler=scheduler_factory(cfg), mpu=mpu)
+    if mpu is None:
+        shard_residuals(engine.module, engine.seq_data_parallel_group)
     return engine

@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 from mora_dist.data import load_tokenizer
+from mora_dist.merge import RESIDUAL
 from mora_dist.model import set_mora_type, trainable_summary
 from mora_dist.run.build import apply_adapters, build_callbacks
 from mora_dist.run.checkpoint import read_fp32_masters, read_model_states, read_run_config, saved_mora_type
@@ -98,14 +99,15 @@ def load_hf_run_model(run_dir: str | os.PathLike, tag: str | None = None, *, sta
     states = read_model_states(run_dir, tag)
     eos = load_tokenizer(Path(run_dir) / "tokenizer").eos_token_id
     model = build_hf_model(cfg, cfg.model.vocab_size, eos)
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
+    if state_dict is not None:  # zero_to_fp32.py output: the sharded merge residuals come from the checkpoint
+        residuals = {k: v for k, v in states["module"].items() if k.endswith(f".{RESIDUAL}")}
+        model.load_state_dict({**residuals, **state_dict}, strict=True)
     else:
-        model.load_state_dict(states["module"], strict=True)
         masters = read_fp32_masters(run_dir, tag)  # the exact adapter values merges read, not their bf16 copies
-        unexpected = model.load_state_dict(masters, strict=False).unexpected_keys
+        unexpected = sorted(set(masters) - set(states["module"]))
         if unexpected:
             raise RuntimeError(f"fp32 masters of {run_dir} name parameters the model lacks: {unexpected[:5]}")
+        model.load_state_dict({**states["module"], **masters}, strict=True)
     mora_type = saved_mora_type(states)
     if mora_type is not None:
         set_mora_type(model, mora_type)

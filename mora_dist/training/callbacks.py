@@ -26,12 +26,14 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import transformers
 from safetensors.torch import load_file, save_file
 
 from mora_dist.errors import MoRAConfigError
+from mora_dist.training.residual_shards import load_residual_shards, save_residual_shards
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class CallbackList(Callback):
         self.on_save(engine, client_state)
         client_state[CLIENT_STATE_KEY] = self.state_dict()
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+        save_residual_shards(engine.module, Path(save_dir) / (tag or f"global_step{engine.global_steps}"))
 
     def load_checkpoint(self, engine: Any, load_dir: str, tag: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """``engine.load_checkpoint`` then restore every callback; returns the rest of ``client_state``.
@@ -161,6 +164,7 @@ class CallbackList(Callback):
         path, client_state = engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             raise MoRAConfigError(f"load_dir={load_dir!r}, tag={tag!r}: no DeepSpeed checkpoint found there")
+        load_residual_shards(engine.module, Path(path).parent if Path(path).is_file() else path)
         client_state = dict(client_state or {})
         if CLIENT_STATE_KEY not in client_state:
             raise MoRAConfigError(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mora_dist.errors import MoRAConfigError
-from mora_dist.merge import RESIDUAL
+from mora_dist.merge import full_residual
 from mora_dist.training.remora import (
     ReLoRACallback,
     ReMoRACallback,
@@ -54,6 +54,10 @@ def _build_engine(*, stage, bf16, adapter="mora", scheduler=None, persistence=No
     }
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config, lr_scheduler=scheduler)
+    if bf16:  # as the launcher: each rank keeps the merge residual of its 1/N slice of every weight
+        from mora_dist import shard_residuals
+
+        shard_residuals(engine.module, engine.seq_data_parallel_group)
     return engine
 
 
@@ -148,7 +152,7 @@ def _merge_case(stage, bf16, persistence, rank, model="llama"):
     exact = {"master": W_before + layer.delta_weight(master).double(),
              "module": W_before + layer.delta_weight(module_M).double()}
     metrics = callbacks.on_step_end(engine)
-    residual = getattr(layer, RESIDUAL)
+    residual = full_residual(layer)
     out["residual_dtype"] = None if residual is None else str(residual.dtype)
     effective = _module_value(W).double() + (0.0 if residual is None else residual.double())
     for source, value in exact.items():  # W + residual is the fp32 sum of the update from the master
