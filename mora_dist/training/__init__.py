@@ -18,7 +18,7 @@ __all__ = [
 _LAZY = {
     "Callback": "callbacks",
     "CallbackList": "callbacks",
-    "TrainerCallbackAdapter": "callbacks",
+    "TrainerCallbackAdapter": "hf_trainer",
     "ReMoRACallback": "remora",
     "ReLoRACallback": "remora",
     "JaggedCosineLR": "schedulers",

@@ -9,12 +9,8 @@ import transformers
 
 from mora_dist import MoRAConfig, apply_mora, mora_layers
 from mora_dist.errors import MoRAConfigError
-from mora_dist.training.callbacks import (
-    Callback,
-    CallbackList,
-    TrainerCallbackAdapter,
-    TrainerEngineView,
-)
+from mora_dist.training.callbacks import Callback, CallbackList, TrainerEngineView
+from mora_dist.training.hf_trainer import TrainerCallbackAdapter
 from mora_dist.training.remora import ReMoRACallback
 from tests.helpers.models import TINY_VOCAB, tiny_llama
 from tests.helpers.workers import run_workers
