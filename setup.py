@@ -24,7 +24,9 @@ setup(
         # accelerate: transformers.Trainer needs it (tests of the Trainer callback adapter).
         # peft: the serving exports are proven by loading them with the real PeftModel (library code never imports it).
         # import-linter: CI checks the layer order of the package (pyproject.toml [tool.importlinter]).
+        # pytest-xdist: the integration tests are mostly process start-up and gloo waits, so two pytest workers on
+        # two cores finish the suite in about 70 % of the time (one test file per worker: module fixtures once).
         "test": ["pytest>=7", "tokenizers>=0.15", "matplotlib>=3.7", "accelerate>=1.1", "peft>=0.21",
-                 "import-linter>=2.17"],
+                 "import-linter>=2.17", "pytest-xdist>=3.5"],
     },
 )

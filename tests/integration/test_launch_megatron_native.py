@@ -90,16 +90,23 @@ def _torchrun_at(out, nprocs: int, tp: int, pp: int, *extra: str) -> None:
         raise AssertionError(f"launch failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
+@pytest.fixture(scope="module")
+def fp32_tp2_pp2_run(tmp_path_factory):
+    """The float32 run at TP = 2 x PP = 2 both layout changes resume from (trained once)."""
+    ref_dir = tmp_path_factory.mktemp("fp32_tp2_pp2") / "ref"
+    _torchrun_at(ref_dir, 4, 2, 2)
+    return ref_dir
+
+
 @pytest.mark.parametrize("nprocs, tp, pp", [(2, 1, 1), (4, 4, 1)], ids=["tp1-pp1-dp2", "tp4-pp1-dp1"])
-def test_native_checkpoint_resumes_at_another_layout(tmp_path, nprocs, tp, pp):
+def test_native_checkpoint_resumes_at_another_layout(fp32_tp2_pp2_run, tmp_path, nprocs, tp, pp):
     """A float32 run saved at TP = 2 x PP = 2 x DP = 1 (after the step-2 merge) resumes at another layout with the
     same next steps as the uninterrupted run (1e-5): the base weights with the merged dW, every M and its Adam
     moments and step, the schedule and the ReMoRA state are resharded. Catches optimizer state kept per rank
     (it cannot follow a new layout), a stage's layers lost, and M resharded into the wrong rows."""
     import shutil
 
-    ref_dir, out = tmp_path / "ref", tmp_path / "run"
-    _torchrun_at(ref_dir, 4, 2, 2)
+    ref_dir, out = fp32_tp2_pp2_run, tmp_path / "run"
     ref = scalars(ref_dir)
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(ref_dir / "checkpoints" / "step_0000002", out / "checkpoints" / "step_0000002")

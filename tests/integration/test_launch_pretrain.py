@@ -122,34 +122,16 @@ def test_relora_run_exports_as_one_peft_lora_over_the_starting_weights(tmp_path)
     torch.testing.assert_close(_logits(served, ids), _logits(model, ids), atol=1e-5, rtol=0)
 
 
-def test_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
-    """Catches a resume that repeats or skips samples, loses or repeats a merge, restarts the schedule, or is
-    broken by a checkpoint half-written when the process group was killed (SIGKILL, no clean-up)."""
-    ref = scalars(tiny_run[0])
-    out = tmp_path / "run"
-    cmd = launch_cmd(2, TINY, [*FAST, f"training.output_dir={out}"])
-    killed_at = kill_after_checkpoint(cmd, out, "step_0000030")
-    assert killed_at < "step_0000080", killed_at
-    run(2, TINY, [*FAST, f"training.output_dir={out}"], "--resume")
-    got = scalars(out)
-    assert sorted(got["train/loss"]) == list(range(1, 81))
-    for step in range(1, 81):
-        assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
-    assert sorted(got["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
-    assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-5)
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
-    steps = raw_scalar_steps(out)["train/loss"]
-    assert sorted(steps) == list(range(1, 81)), "a step the killed run logged after its checkpoint is in twice"
-
-
-def test_preempted_run_saves_on_the_signal_and_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
-    """Two warnings of a scheduler. SIGUSR1 to every rank under the ``deepspeed`` launcher (SLURM's
+def test_preempted_and_killed_run_resumes_on_the_same_loss_curve(tiny_run, tmp_path):
+    """Two warnings of a scheduler and a crash. SIGUSR1 to every rank under the ``deepspeed`` launcher (SLURM's
     ``--signal=USR1@90``), and again 50 ms later, into the save; then, resumed under ``torchrun``, SIGTERM to
     ``torchrun`` alone, which passes it on to the ranks. Each time the run saves the step it is at (not a periodic
-    checkpoint: those are every 10 steps) and stops, the ``deepspeed`` launcher with exit code 75; resumed again,
-    it follows the uninterrupted run's losses and merges. Catches a signal that kills the ranks (nothing saved
-    since the last periodic checkpoint), ranks that stop at different steps (the save hangs), a second signal
-    that breaks the save."""
+    checkpoint: those are every 10 steps) and stops, the ``deepspeed`` launcher with exit code 75. Resumed again,
+    the whole process group is SIGKILLed after a periodic checkpoint (no clean-up); the last resume follows the
+    uninterrupted run's losses, merges and eval, and logs each step once. Catches a signal that kills the ranks
+    (nothing saved since the last periodic checkpoint), ranks that stop at different steps (the save hangs), a
+    second signal that breaks the save, a resume that repeats or skips samples, loses or repeats a merge or
+    restarts the schedule, and a checkpoint half-written when the process group was killed."""
     from mora_dist.run.preemption import EXIT_PREEMPTED
 
     ref = scalars(tiny_run[0])
@@ -180,13 +162,19 @@ def test_preempted_run_saves_on_the_signal_and_resumes_on_the_same_loss_curve(ti
     assert f"stopped on SIGTERM after step {int(second[-7:])}" in log, log[-4000:]
     assert second < "step_0000080" and int(second[-7:]) % 10, second
 
+    killed_at = kill_after_checkpoint(launch_cmd(2, TINY, sets, "--resume"), out,
+                                      f"step_{(int(second[-7:]) // 10 + 1) * 10:07d}")
+    assert second < killed_at < "step_0000080", killed_at
     run(2, TINY, sets, "--resume")
     got = scalars(out)
     assert sorted(got["train/loss"]) == list(range(1, 81))
     for step in range(1, 81):
         assert got["train/loss"][step] == pytest.approx(ref["train/loss"][step], rel=1e-5, abs=1e-6), step
     assert sorted(got["remora/merges"].items()) == [(20, 1.0), (40, 2.0), (60, 3.0), (80, 4.0)]
+    assert got["eval/loss"][80] == pytest.approx(ref["eval/loss"][80], rel=1e-5)
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    steps = raw_scalar_steps(out)["train/loss"]
+    assert sorted(steps) == list(range(1, 81)), "a step the killed run logged after its checkpoint is in twice"
 
 
 ZERO3_BF16 = [
