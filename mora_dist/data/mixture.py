@@ -6,14 +6,18 @@ A map-style source yields its samples in a seeded per-epoch permutation, read by
 fixed by the config and independent of the data-parallel size, so resuming at global sample ``i`` needs only ``i``.
 
 A streaming source is split over the data-parallel ranks (:class:`StreamReader`): rank ``r`` reads only its part
-of the (buffer-shuffled) stream, and ``j`` counts the samples *this rank* has taken from it. The resume point of
+of the stream (shuffled in chunks), and ``j`` counts the samples *this rank* has taken from it. The resume point of
 each rank follows from ``i`` and the batch layout (:class:`~mora_dist.data.sharding.ShardedBatches`), so it is
-exact for the same data-parallel size.
+exact for the same data-parallel size; a reader rebuilt from its saved :meth:`StreamReader.state_dict` gets there
+by reading one chunk instead of the rank's whole part up to it.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import datasets
 import numpy as np
@@ -91,32 +95,90 @@ class MapReader:
 
 
 class StreamReader:
-    """Sample ``j`` of this data-parallel rank's part of a streaming source, read forward (resuming fast-forwards
-    through the rank's part); restarts with the next epoch's shuffle when the stream ends. ``j`` must not
-    decrease between calls.
+    """Sample ``j`` of this data-parallel rank's part of a streaming source, read forward; restarts with the next
+    epoch when the stream ends. ``j`` must not decrease between calls.
 
     With ``shard_files`` the split is ``datasets.distributed.split_dataset_by_node``: a source with a multiple of
-    ``dp_size`` files gives each rank its own files (rank ``r`` reads files ``r, r + dp, ...`` of the seeded
-    file order), otherwise every rank walks the shuffled stream and keeps samples ``r, r + dp, ...``. Without it
-    (a stream whose first blocks are held out for eval: ``datasets`` would split that skip over the files) every
-    rank walks the stream and keeps samples ``r, r + dp, ...``. Either way no sample goes to two ranks: the
-    shuffle uses the same seed on every rank and comes before the split.
+    ``dp_size`` files gives each rank its own files (rank ``r`` reads files ``r, r + dp, ...``), otherwise every
+    rank walks the stream and keeps samples ``r, r + dp, ...``. Without it (a stream whose first blocks are held
+    out for eval: ``datasets`` would split that skip over the files) every rank walks the stream and keeps samples
+    ``r, r + dp, ...``. Either way no sample goes to two ranks.
+
+    Shuffling (``shuffle``) is by chunks: the rank's part is read in consecutive chunks of ``buffer`` blocks, each
+    given out in a permutation seeded by ``(seed, epoch, chunk)``. That keeps the reader's position small
+    (:meth:`state_dict`: the ``datasets`` state at the start of its chunk and its place in it), so a reader built
+    with ``state`` reads that one chunk again and goes on exactly where the saved reader was: a resume costs one
+    chunk, however far the run got (``datasets``' own buffer shuffle cannot be resumed exactly: its buffer is lost).
     """
 
     rank_local = True  # j counts this rank's samples of the source (ShardedBatches keeps that count)
 
     def __init__(self, ds: datasets.IterableDataset, *, seed: int, shuffle: bool = True, buffer: int = 10_000,
-                 dp_rank: int = 0, dp_size: int = 1, shard_files: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, shard_files: bool = True,
+                 state: dict[str, Any] | None = None):
         from datasets.distributed import split_dataset_by_node  # only streamed sources are split by node
 
-        ds = ds.shuffle(seed=seed, buffer_size=buffer) if shuffle else ds
         self.stride, self.offset = 1, 0
         if dp_size > 1 and shard_files:
             ds = split_dataset_by_node(ds, rank=dp_rank, world_size=dp_size)
         elif dp_size > 1:
             self.stride, self.offset = dp_size, dp_rank
-        self.ds = ds
+        self.ds, self.seed, self.shuffle, self.buffer = ds, seed, shuffle, buffer
         self._epoch, self._cursor, self._it = 0, 0, None
+        # The state at an epoch's start, loaded back when a resumed epoch ends: datasets 3.x re-applies a loaded
+        # state at every iter() (later versions only within its epoch), which would start the next epoch mid-way.
+        self._origin, self._resumed = copy.deepcopy(ds.state_dict()), False
+        self._chunk: list[list[int]] = []
+        self._chunk_index, self._pos, self._chunk_start = 0, 0, None
+        if state is not None:
+            self._restore(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this reader is: samples given (``cursor``), epoch, chunk, place in the chunk and the ``datasets``
+        state at the chunk's start (``None`` at an epoch's start). JSON-serialisable."""
+        return {"cursor": self._cursor, "epoch": self._epoch, "chunk": self._chunk_index - 1, "pos": self._pos,
+                "chunk_start": self._chunk_start}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
+        if state["chunk"] < 0:  # nothing read yet
+            return
+        self.ds.set_epoch(self._epoch)
+        if state["chunk_start"] is not None:
+            self.ds.load_state_dict(state["chunk_start"])
+            self._resumed = True
+        self._it, self._chunk_index = iter(self.ds), int(state["chunk"])
+        self._fill(start=state["chunk_start"])
+        self._pos = int(state["pos"])
+
+    def _fill(self, start: dict[str, Any] | None = None) -> None:
+        """Read the next chunk (starting the next epoch at the end of the stream) and permute it. ``start``: the
+        ``datasets`` state the chunk begins at when the iterator was just restored to it."""
+        while True:
+            if self._it is None:
+                if self._resumed:
+                    self.ds.load_state_dict(self._origin)
+                    self._resumed = False
+                self.ds.set_epoch(self._epoch)
+                self._it, self._chunk_index = iter(self.ds), 0
+            if start is None and self._chunk_index > 0:  # the state after the previous chunk's last block
+                start = self.ds.state_dict()
+            rows = [row["input_ids"] for row in itertools.islice(self._it, self.buffer)]
+            if rows:
+                break
+            if self._epoch == 0 and self._chunk_index == 0:
+                raise ValueError("a streaming data source gave no training blocks")
+            self._epoch, self._it, start = self._epoch + 1, None, None
+        order = (np.random.default_rng([self.seed, self._epoch, self._chunk_index]).permutation(len(rows))
+                 if self.shuffle else range(len(rows)))
+        self._chunk, self._chunk_start, self._pos = [rows[i] for i in order], start, 0
+        self._chunk_index += 1
+
+    def _next_row(self) -> list[int]:
+        if self._pos == len(self._chunk):
+            self._fill()
+        self._pos += 1
+        return self._chunk[self._pos - 1]
 
     def _next(self) -> list[int]:
         """This rank's next sample: skip the other ranks' ones in stride mode."""
@@ -126,18 +188,6 @@ class StreamReader:
         for _ in range(self.stride - 1 - self.offset):
             self._next_row()
         return row
-
-    def _next_row(self) -> list[int]:
-        while True:
-            if self._it is None:
-                self.ds.set_epoch(self._epoch)
-                self._it = iter(self.ds)
-            try:
-                return next(self._it)["input_ids"]
-            except StopIteration:
-                if self._cursor == 0 and self._epoch == 0:
-                    raise ValueError("a streaming data source gave no training blocks") from None
-                self._epoch, self._it = self._epoch + 1, None
 
     def get(self, js: Sequence[int]) -> list[list[int]]:
         out = []

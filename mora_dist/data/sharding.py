@@ -55,6 +55,11 @@ class ShardedBatches:
             counts += np.bincount(src[mine], minlength=self.mixture.num_sources)
         return counts
 
+    def reader_states(self) -> list[dict | None]:
+        """Each source's reader position (:meth:`StreamReader.state_dict`; ``None`` for a map-style source, whose
+        position follows from the global sample index alone), to resume without re-reading the stream."""
+        return [r.state_dict() if local else None for r, local in zip(self.readers, self._local, strict=True)]
+
     @property
     def samples_consumed(self) -> int:
         """Global samples consumed by all ranks up to this rank's next micro-batch."""

@@ -84,10 +84,13 @@ def _source_blocks(cfg: RunConfig, s, tokenizer):
     return packed, head_blocks(held, s.eval_blocks, s.name)
 
 
-def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_sample: int) -> Data:
+def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_sample: int,
+               stream_states: list[dict | None] | None = None) -> Data:
     """Tokenise, pack and split every source (rank 0 first, so the others read its cache), then the mixture.
 
     A streaming source is split over the data-parallel ranks (each reads only its part; see ``StreamReader``).
+    ``stream_states``: per source, this rank's saved reader position (``ShardedBatches.reader_states`` of the run
+    that wrote the checkpoint); a streaming source resumes from it by reading one shuffle chunk, not its whole part.
     """
     readers, eval_sets = [], {}
     for first in (True, False):
@@ -101,10 +104,14 @@ def build_data(cfg: RunConfig, tokenizer, *, dp_rank: int, dp_size: int, start_s
                     break
                 seed = cfg.training.seed * 1009 + len(readers)
                 if isinstance(train, datasets.IterableDataset):
+                    state = stream_states[len(readers)] if stream_states else None
                     reader = StreamReader(train, seed=seed, shuffle=cfg.data.shuffle, buffer=cfg.data.shuffle_buffer,
-                                          dp_rank=dp_rank, dp_size=dp_size, shard_files=s.eval_split is not None)
+                                          dp_rank=dp_rank, dp_size=dp_size, shard_files=s.eval_split is not None,
+                                          state=state)
                     logger.info("source %s: streaming, read in %d parts over the data-parallel ranks; %d eval "
-                                "blocks", s.name, dp_size, len(held_out))
+                                "blocks%s", s.name, dp_size, len(held_out),
+                                f"; resumed at its saved position (sample {state['cursor']} of this rank)"
+                                if state else "")
                 else:
                     reader = MapReader(train, seed=seed, shuffle=cfg.data.shuffle)
                     logger.info("source %s: %d train blocks (%d tokens), %d eval blocks", s.name, len(train),

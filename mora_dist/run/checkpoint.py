@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+RANK_STATE = "rank_state"
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -101,9 +102,17 @@ def clean_stale(save_dir: str | os.PathLike) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def _rank_state_file(folder: Path, rank: int) -> Path:
+    return folder / RANK_STATE / f"rank_{rank:05d}.json"
+
+
 def save_step_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_state: dict[str, Any], *,
-                    keep_last: int) -> Path:
+                         keep_last: int, rank_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank calls it); keep the newest ``keep_last``.
+
+    ``rank_state``: what only this rank knows (its streaming readers' positions), written to
+    ``<tag>/rank_state/rank_<global rank>.json`` (DeepSpeed keeps the client state of rank 0 only); read back by
+    :func:`load_latest` as ``client_state["rank_state"]``.
 
     Pruning only looks at checkpoints at or below ``step``: the newest ``keep_last`` of those stay (so the one a
     run resumed from is only removed once ``keep_last`` newer ones of this run exist), and a folder above
@@ -114,6 +123,10 @@ def save_step_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_
     tmp_tag = TMP_PREFIX + tag
     engine.save_checkpoint(str(save_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     save_residual_shards(engine.module, save_dir / tmp_tag)
+    if rank_state is not None:
+        path = _rank_state_file(save_dir / tmp_tag, dist.get_rank())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, json.dumps(rank_state))
     dist.barrier()
     final = save_dir / tag
     if dist.get_rank() == 0:
@@ -130,7 +143,8 @@ def save_step_checkpoint(engine, save_dir: str | os.PathLike, step: int, client_
 
 
 def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load the checkpoint :func:`resume_tag` picks into ``engine``; returns its client state.
+    """Load the checkpoint :func:`resume_tag` picks into ``engine``; returns its client state, with this rank's
+    ``rank_state`` (``None`` if the checkpoint has none for it).
 
     Raises:
         FileNotFoundError: no complete checkpoint in ``save_dir``.
@@ -141,6 +155,8 @@ def load_latest(engine, save_dir: str | os.PathLike) -> dict[str, Any]:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {save_dir}")
     load_residual_shards(engine.module, Path(save_dir) / tag)
+    rank_file = _rank_state_file(Path(save_dir) / tag, dist.get_rank())
+    client_state["rank_state"] = json.loads(rank_file.read_text()) if rank_file.is_file() else None
     logger.info("resumed from %s (step %s)", path, client_state.get("step"))
     return client_state
 

@@ -88,8 +88,10 @@ class Trainer:
         self.rank = dist.get_rank()
         self.log_dir = cfg.logging.log_dir or str(out / "tensorboard")
         self.step, self.tokens_seen = 0, 0
+        self.stream_states = None  # this rank's streaming readers' positions in the checkpoint resumed from
         if resume:
             state = load_latest(engine, self.ckpt_dir)
+            self.stream_states = self._saved_stream_states(state.pop("rank_state"))
             self.callbacks.load_state_dict(state.pop(CLIENT_STATE_KEY))
             self.callbacks.on_load(engine, state)
             self.step = int(state["step"])
@@ -103,6 +105,22 @@ class Trainer:
         self.start_step = self.step
         self.last: dict[str, float] = {}  # the latest value of every logged figure, for the summary
         self.preemption = PreemptionGuard(cfg.training.exit_signals)
+
+    def _rank_state(self, data) -> dict[str, Any]:
+        return {"dp_rank": self.backend.dp_rank, "dp_size": self.backend.dp_size,
+                "streams": data.train.reader_states()}
+
+    def _saved_stream_states(self, saved: dict[str, Any] | None) -> list[dict | None] | None:
+        """The saved reader positions if they are this rank's (same data-parallel place); otherwise the readers
+        fast-forward from the global sample index, as for a checkpoint written without them."""
+        if saved is None:
+            return None
+        if (saved["dp_rank"], saved["dp_size"]) != (self.backend.dp_rank, self.backend.dp_size):
+            logger.warning("checkpoint's stream positions were saved at data-parallel rank %s of %s, this rank is "
+                           "%s of %s: streaming sources fast-forward instead", saved["dp_rank"], saved["dp_size"],
+                           self.backend.dp_rank, self.backend.dp_size)
+            return None
+        return saved["streams"]
 
     def _client_state(self) -> dict[str, Any]:
         state = {"step": self.step, "samples_consumed": self.step * self.cfg.training.global_batch_size,
@@ -123,7 +141,7 @@ class Trainer:
     def run(self, tokenizer) -> None:
         cfg, t, engine = self.cfg, self.cfg.training, self.engine
         data = build_data(cfg, tokenizer, dp_rank=self.backend.dp_rank, dp_size=self.backend.dp_size,
-                                start_sample=self.step * t.global_batch_size)
+                          start_sample=self.step * t.global_batch_size, stream_states=self.stream_states)
         self.callbacks.on_train_begin(engine)
         accum = engine.gradient_accumulation_steps()
         progress = ProgressLine(total_steps=t.max_steps, start_step=self.step,
@@ -187,7 +205,8 @@ class Trainer:
             progress.update(self.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / elapsed, extra=extra)
             stop = self.preemption.stop_now()
             if stop or (t.save_interval and self.step % t.save_interval == 0) or self.step == t.max_steps:
-                save_step_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last)
+                save_step_checkpoint(engine, self.ckpt_dir, self.step, self._client_state(), keep_last=t.keep_last,
+                                     rank_state=self._rank_state(data))
             if stop and self.step < t.max_steps:
                 raise Preempted(self.step, stop)
 

@@ -274,20 +274,22 @@ def test_bf16_remora_run_reports_merge_residual_and_exports_from_the_fp32_master
     assert bool(((exported - exact).abs() <= half_step * (1 + 1e-6)).all())
 
 
-def test_plain_python_runs_one_process_and_a_resume_logs_each_step_once(tmp_path):
+def test_plain_python_runs_one_process_and_a_streamed_resume_logs_each_step_once(tmp_path):
     """Catches: ``python launch/pretrain.py`` without a launcher failing on MPI discovery; a resume that leaves
     the interrupted run's later steps in TensorBoard a second time; a summary that counts the restored steps
-    or does not say where the results are."""
+    or does not say where the results are; a streamed corpus that resumes by re-reading the stream instead of
+    from the position saved in the checkpoint, or not exactly (the losses after the resume differ)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "launch/pretrain.py", "--config", TINY, "--set", "training.max_steps=4",
            "--set", "training.save_interval=2", "--set", "training.eval_interval=2", "--set",
            "data.sources.0.eval_blocks=4", "--set", "data.sources.1.eval_blocks=4", "--set",
-           f"training.output_dir={out}"]
+           "data.streaming=true", "--set", "data.shuffle_buffer=8", "--set", f"training.output_dir={out}"]
     plain_env = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     first = subprocess.run(cmd, capture_output=True, text=True, env=plain_env, timeout=RUN_TIMEOUT_S)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     assert "eval " in first.stderr and "(plays " in first.stderr  # per-source eval on the progress line
     assert "running as one process" in first.stderr
+    ref = scalars(out)["train/loss"]
     # As if killed after logging step 4 but before its checkpoint was complete.
     ckpt = out / "checkpoints"
     shutil.rmtree(ckpt / "step_0000004")
@@ -295,6 +297,9 @@ def test_plain_python_runs_one_process_and_a_resume_logs_each_step_once(tmp_path
     second = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=plain_env,
                             timeout=RUN_TIMEOUT_S)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert second.stderr.count("resumed at its saved position") == 2, second.stderr[-4000:]  # both sources
+    got = scalars(out)["train/loss"]
+    assert [got[s] for s in (3, 4)] == pytest.approx([ref[s] for s in (3, 4)], rel=1e-5)
     steps = raw_scalar_steps(out)
     assert sorted(steps["train/loss"]) == [1, 2, 3, 4], steps["train/loss"]
     assert sorted(steps["eval/plays/loss"]) == [0, 2, 4], steps["eval/plays/loss"]

@@ -1,5 +1,7 @@
 """Data-parallel sharding: after n steps exactly the first n * global_batch samples are consumed, once each."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -73,7 +75,7 @@ def _stream_cfg(tmp_path, **source):
     return validate_run_config(run_config(tmp_path, [src], tok, streaming=True, shuffle_buffer=16))
 
 
-def _docs(cfg, *, dp_rank, dp_size, steps, start_step=0):
+def _docs(cfg, *, dp_rank, dp_size, steps, start_step=0, stream_states=None):
     """Documents rank ``dp_rank`` of ``dp_size`` consumes in ``steps`` optimizer steps from ``start_step``."""
     from mora_dist.data import load_tokenizer
     from mora_dist.run.build import build_data
@@ -82,7 +84,7 @@ def _docs(cfg, *, dp_rank, dp_size, steps, start_step=0):
     t = cfg.training
     accum = t.global_batch_size // (t.micro_batch_size * dp_size)
     data = build_data(cfg, load_tokenizer(cfg.data.tokenizer), dp_rank=dp_rank, dp_size=dp_size,
-                      start_sample=start_step * t.global_batch_size)
+                      start_sample=start_step * t.global_batch_size, stream_states=stream_states)
     return [doc_of(row) for _ in range(steps * accum) for row in next(data.train)[0].tolist()], data
 
 
@@ -104,6 +106,20 @@ def test_four_ranks_read_disjoint_parts_whose_union_is_the_stream_prefix_also_af
         after, _ = _docs(cfg, dp_rank=rank, dp_size=4, steps=4, start_step=3)
         consumed += before + after
     assert len(consumed) == 7 * 8 and sorted(consumed) == sorted(stream)
+
+
+def test_each_rank_resumes_a_stream_from_its_saved_position_as_an_uninterrupted_run_reads_on(tmp_path):
+    """Catches a saved reader position that is not exact (the resumed rank repeats or skips blocks), one taken
+    from another rank, and one that is not JSON (the checkpoint's rank_state file): over 2 ranks, 3 steps, the
+    readers' states through JSON, then 4 more steps from them give each rank what its uninterrupted 7 steps gave."""
+    cfg = _stream_cfg(tmp_path)
+    for rank in range(2):
+        whole, _ = _docs(cfg, dp_rank=rank, dp_size=2, steps=7)
+        before, data = _docs(cfg, dp_rank=rank, dp_size=2, steps=3)
+        states = json.loads(json.dumps(data.train.reader_states()))
+        assert states[0]["cursor"] == len(before)
+        after, _ = _docs(cfg, dp_rank=rank, dp_size=2, steps=4, start_step=3, stream_states=states)
+        assert before + after == whole, rank
 
 
 def test_a_source_with_enough_files_gives_each_rank_its_own_files_and_resumes_per_rank(tmp_path):
