@@ -76,11 +76,13 @@ def weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(weight, "ds_shape", weight.shape))
 
 
-def new_residual(weight: torch.Tensor) -> torch.Tensor | None:
-    """A zero compensation buffer for ``weight`` (its shape, device and :data:`RESIDUAL_DTYPES` dtype), or
-    ``None`` for a base of fp32 or wider, which needs none."""
+def new_residual(weight: torch.Tensor, shard: ResidualShard | None = None) -> torch.Tensor | None:
+    """A zero compensation buffer for ``weight`` (its device and :data:`RESIDUAL_DTYPES` dtype; its shape, or
+    ``(shard.chunk,)`` for the slice a sharded layer keeps), or ``None`` for a base of fp32 or wider, which needs
+    none."""
     dtype = RESIDUAL_DTYPES.get(weight.dtype)
-    return None if dtype is None else torch.zeros(weight_shape(weight), dtype=dtype, device=weight.device)
+    shape = weight_shape(weight) if shard is None else (shard.chunk,)
+    return None if dtype is None else torch.zeros(shape, dtype=dtype, device=weight.device)
 
 
 @dataclass(frozen=True)
@@ -127,21 +129,17 @@ def shard_residual(layer: nn.Module, group: Any = None) -> None:
         if tuple(residual.shape) != shard.shape:
             raise MoRAError(f"{type(layer).__name__}: {RESIDUAL} has shape {tuple(residual.shape)} but the base "
                             f"weight has {shard.shape}; load a checkpoint written with the same layout")
-        residual = _slice_buffer(residual.reshape(-1)[shard.lo:shard.hi], shard)
+        residual = pad_to_chunk(residual.reshape(-1)[shard.lo:shard.hi], shard)
     layer.register_buffer(RESIDUAL, residual, persistent=False)
     setattr(layer, SHARD, shard)
 
 
-def _slice_buffer(values: torch.Tensor, shard: ResidualShard) -> torch.Tensor:
-    out = torch.zeros(shard.chunk, dtype=values.dtype, device=values.device)
+def pad_to_chunk(values: torch.Tensor, shard: ResidualShard, device: torch.device | None = None) -> torch.Tensor:
+    """``values`` (the ``hi - lo`` entries of a rank's slice, 1-D) zero-padded to ``(shard.chunk,)``, on
+    ``device`` (default: ``values``')."""
+    out = torch.zeros(shard.chunk, dtype=values.dtype, device=values.device if device is None else device)
     out[: values.numel()] = values
     return out
-
-
-def new_residual_shard(weight: torch.Tensor, shard: ResidualShard) -> torch.Tensor | None:
-    """A zero ``(chunk,)`` compensation buffer for ``weight``'s slice, or ``None`` for an fp32 or wider base."""
-    dtype = RESIDUAL_DTYPES.get(weight.dtype)
-    return None if dtype is None else torch.zeros(shard.chunk, dtype=dtype, device=weight.device)
 
 
 @torch.no_grad()
@@ -181,7 +179,7 @@ def _fold_slice(layer: nn.Module, weight: torch.Tensor, delta: torch.Tensor, par
                         f"sharded {RESIDUAL} expects {shard.shape}; gather a ZeRO-3 weight before merging")
     residual = getattr(layer, RESIDUAL)
     if residual is None and layer.merge_compensation:
-        residual = new_residual_shard(weight, shard)
+        residual = new_residual(weight, shard)
         setattr(layer, RESIDUAL, residual)
     start = 0 if part is None else part * delta.numel()
     a, b = max(shard.lo, start), min(shard.hi, start + delta.numel())
@@ -215,7 +213,7 @@ def sync_weight(layer: nn.Module) -> None:
     shard: ResidualShard = getattr(layer, SHARD)
     flat = layer._base_weight_shard().view(-1)
     gathered = torch.empty(shard.world * shard.chunk, dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(gathered, _slice_buffer(flat[shard.lo:shard.hi], shard), group=shard.group)
+    dist.all_gather_into_tensor(gathered, pad_to_chunk(flat[shard.lo:shard.hi], shard), group=shard.group)
     flat.copy_(gathered[: shard.numel])
 
 
@@ -228,7 +226,7 @@ def match_residual_to_state(module: nn.Module, state_dict: dict, prefix: str, *a
     if shard is not None:  # saved apart (mora_dist.training.residual_shards); a full one from an unsharded
         # checkpoint gives this rank its slice
         if value is not None:
-            value = _slice_buffer(state_dict.pop(prefix + RESIDUAL).reshape(-1)[shard.lo:shard.hi], shard)
+            value = pad_to_chunk(state_dict.pop(prefix + RESIDUAL).reshape(-1)[shard.lo:shard.hi], shard)
             value = value.to(module._base_weight_shard().device)
         setattr(module, RESIDUAL, value)
         return

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mora_dist.errors import MoRAConfigError
-from mora_dist.merge import RESIDUAL, SHARD, ResidualShard, shard_residual
+from mora_dist.merge import RESIDUAL, SHARD, ResidualShard, pad_to_chunk, shard_residual
 
 FOLDER = "mora_residual"
 
@@ -129,9 +129,7 @@ def load_residual_shards(module: nn.Module, folder: str | os.PathLike) -> int:
             raise MoRAConfigError(f"{folder / FOLDER}: residual of {name!r} has shape {shapes[name]} but the layer's "
                                   f"weight has {s.shape}; resume with the model that wrote the checkpoint")
         values = _read_range(folder, name, s.shape, world, s.lo, s.hi)
-        buffer = torch.zeros(s.chunk, dtype=values.dtype, device=layer._base_weight_shard().device)
-        buffer[: values.numel()] = values
-        setattr(layer, RESIDUAL, buffer)
+        setattr(layer, RESIDUAL, pad_to_chunk(values, s, layer._base_weight_shard().device))
     return len(layers)
 
 

@@ -89,20 +89,25 @@ def _full_residuals(engine):
 
 
 def _reference_merges(weights, engine, seeds):
-    """The unsharded arithmetic on whole tensors: fold_delta of dW(master) into W with a whole residual."""
+    """The unsharded arithmetic on whole tensors: fold_delta of dW(master) into W with a whole residual; and each
+    merge's ``merge_residual`` metric (||what bf16 could not absorb|| / ||dW||, over all layers)."""
     from mora_dist.merge import fold_delta
     from mora_dist.model import mora_layers
 
     layers = dict(mora_layers(engine.module))
     W = {name: w.to(torch.bfloat16) for name, w in weights.items()}
     R = {name: torch.zeros_like(w) for name, w in W.items()}
+    metrics = []
     for seed, mora_type in seeds:
         g = torch.Generator().manual_seed(seed)
+        delta_sq = lost_sq = 0.0
         for name, layer in layers.items():
             M = 0.05 * torch.randn(layer.r_hat, layer.r_hat, generator=g)
             operator = layer._make_operator(mora_type)
-            fold_delta(W[name], operator.delta_weight(M), R[name])
-    return W, R
+            norms = fold_delta(W[name], operator.delta_weight(M), R[name])
+            delta_sq, lost_sq = delta_sq + norms.delta_sq, lost_sq + norms.residual_sq
+        metrics.append((lost_sq / delta_sq) ** 0.5)
+    return W, R, metrics
 
 
 def _worker(cases, load_from, save_to):
@@ -130,11 +135,13 @@ def _worker(cases, load_from, save_to):
             start = _full_weights(engine)
             cb = ReMoRACallback(merge_every=10, type_cycle=(1, 2), restart_warmup=0)
             cb.on_train_begin(engine)
+            metrics = []
             for seed in (1, 2):
                 _set_masters(engine, seed)
-                cb.merge(engine)
+                metrics.append(cb.merge(engine)["remora/merge_residual"])
             W, R = _full_weights(engine), _full_residuals(engine)
-            ref_W, ref_R = _reference_merges(start, engine, [(1, 1), (2, 2)])
+            ref_W, ref_R, ref_metrics = _reference_merges(start, engine, [(1, 1), (2, 2)])
+            out["metric"], out["ref_metric"] = metrics, ref_metrics
             out["W_err"] = max(float((W[n] - ref_W[n].float()).abs().max()) for n in W)
             out["R_err"] = max(float((R[n] - ref_R[n].float()).abs().max()) for n in R)
             out["R_max"] = max(float(v.abs().max()) for v in R.values())
@@ -153,7 +160,8 @@ def test_residual_per_rank_bytes_fall_as_one_over_dp_and_merges_stay_exact(tmp_p
     (within 5 %), M's module copy stays whole, and two bf16 merges (types 1 then 2) give bit for bit the weights
     and residuals of the unsharded arithmetic on whole tensors. The buffers a DP = 1 run saves load at DP = 4, and
     DP = 4's at DP = 2. Catches a buffer kept whole, a slice folded at the wrong offset, a missing all-gather of
-    the new weight (W off on every entry outside the rank's slice) and a checkpoint read at the wrong range."""
+    the new weight (W off on every entry outside the rank's slice), a lost norm not summed over the ranks (or summed
+    twice: the ``merge_residual`` metric differs from the whole tensors') and a checkpoint read at the wrong range."""
     folders = {n: tmp_path / f"dp{n}" for n in (1, 2, 4)}
     one = run_workers(_worker, 1, CASES, None, str(folders[1]))
     four = run_workers(_worker, 4, CASES, str(folders[1]), str(folders[4]))
@@ -166,6 +174,8 @@ def test_residual_per_rank_bytes_fall_as_one_over_dp_and_merges_stay_exact(tmp_p
             for rank, r in enumerate(results):
                 assert r[key]["W_err"] == 0.0 and r[key]["R_err"] == 0.0, (key, n, rank, r[key])
                 assert r[key]["W_sum"] == one[0][key]["W_sum"], (key, n, rank)
+                assert 0 < r[key]["ref_metric"][0] < 1
+                assert r[key]["metric"] == pytest.approx(r[key]["ref_metric"], rel=1e-9), (key, n, rank, r[key])
                 got = r[key]["after"]
                 assert got["residual"] == pytest.approx(base["residual"] / n, rel=0.05), (key, n, rank, got)
                 assert got["M"] == base["M"], (key, n, rank, got)
