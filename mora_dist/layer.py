@@ -102,6 +102,11 @@ class MoRALayerMixin:
         raise NotImplementedError
 
 
+def _autocast_on(device_type: str) -> bool:
+    # the meta device (a memory plan's trace) has no autocast
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 class MoRALinear(MoRALayerMixin, nn.Module):
     """``y = x W^T + b + D(M C(dropout(x)))`` around a frozen ``nn.Linear``; equivalently ``y = x (W + dW)^T + b``.
 
@@ -202,7 +207,7 @@ class MoRALinear(MoRALayerMixin, nn.Module):
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and (isinstance(self.mora_dropout, nn.Identity) or not self.training)
-            and not torch.is_autocast_enabled(base.weight.device.type)  # autocast would cast inside, not in backward
+            and not _autocast_on(base.weight.device.type)  # autocast would cast inside, not in backward
         )
 
     def extra_repr(self) -> str:
