@@ -13,7 +13,9 @@ Commands::
     deepspeed launch/pretrain.py --config configs/remora_tiny.json --resume        # continue after a kill
 
 ``--set key.sub=value`` overrides any field (JSON values; lists indexed as ``data.sources.0.weight``). The
-config is validated, against the world size too, before any process group exists; ``--check`` stops there.
+config is validated, against the world size too, before any process group exists; ``--check`` stops there and
+prints each rank's memory and communication plan (``--check --world-size 64 --nodes 8 --gpu-memory 80``:
+``mora_dist.run.plan``).
 Outputs go to ``training.output_dir``: ``config.json`` (resolved), ``tokenizer/``, ``checkpoints/`` (atomic, the
 last ``keep_last`` kept) and ``tensorboard/``. Export with ``launch/export.py``. Every local data file is sampled
 before anything starts (``mora_dist.data.validate``); a bad record met later stops every rank, reported once by
@@ -55,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --check: the world size to validate for (default: $WORLD_SIZE or 1)")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="with --check: the nodes the world size spans, for the memory plan (default 1)")
+    p.add_argument("--gpu-memory", default=None, metavar="GIB",
+                   help="with --check: GiB per GPU; the memory plan says whether the run fits (exit code 3 if not)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -83,6 +89,28 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
     return cfg, accum
 
 
+def check_plan(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """``--check``: print each rank's memory and communication plan (:mod:`mora_dist.run.plan`); 3 when
+    ``--gpu-memory`` is given and the run does not fit, 2 on a bad flag."""
+    from mora_dist.run.plan import parse_memory, plan_hf
+
+    try:
+        gpu = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+        if cfg.model.backend != "hf":
+            if gpu is not None or args.nodes is not None:
+                raise RunConfigError(f"--gpu-memory / --nodes: the memory plan covers model.backend='hf' only; "
+                                     f"drop them for backend={cfg.model.backend!r}")
+            print(f"memory plan: not available for backend={cfg.model.backend!r} (it covers backend='hf')")
+            return 0
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        plan = plan_hf(cfg, world, args.nodes or 1)
+    except MoRAConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(plan.render(gpu))
+    return 3 if gpu is not None and not plan.fits(gpu) else 0
+
+
 def setup_logging(cfg: RunConfig, rank: int) -> None:
     level = getattr(logging, cfg.logging.level) if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s] [rank{rank}] %(levelname)s %(name)s: %(message)s",
@@ -108,6 +136,9 @@ def write_run_files(cfg: RunConfig, tokenizer, vocab_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.check and (args.nodes is not None or args.gpu_memory is not None):
+        print("error: --nodes and --gpu-memory plan a run: use them with --check", file=sys.stderr)
+        return 2
     try:
         cfg, accum = validate(args)
     except MoRAConfigError as exc:
@@ -115,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         print(f"config OK: method={cfg.method}, backend={cfg.model.backend}, gradient_accumulation_steps={accum}")
-        return 0
+        return check_plan(args, cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch.distributed as dist

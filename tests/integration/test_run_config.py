@@ -109,3 +109,11 @@ def test_cli_reports_bad_configs_before_any_output(tmp_path):
     ok = subprocess.run([sys.executable, "launch/pretrain.py", "--config", TINY, "--check", "--world-size", "2",
                          "--set", f"training.output_dir={out}"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "method=remora" in ok.stdout and not out.exists()
+    assert "memory plan per rank: world size 2" in ok.stdout and "optimizer states" in ok.stdout
+    small = subprocess.run([sys.executable, "launch/pretrain.py", "--config", TINY, "--check", "--world-size", "2",
+                            "--gpu-memory", "0.01", "--set", f"training.output_dir={out}"], capture_output=True,
+                           text=True, timeout=120)
+    assert small.returncode == 3 and "does NOT fit in 0.0 GiB" in small.stdout, small.stdout + small.stderr
+    stray = subprocess.run([sys.executable, "launch/pretrain.py", "--config", TINY, "--nodes", "2"],
+                           capture_output=True, text=True, timeout=120)
+    assert stray.returncode == 2 and "use them with --check" in stray.stderr
