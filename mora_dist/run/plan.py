@@ -7,10 +7,11 @@ the run's own. DeepSpeed's ZeRO rules then place them on a rank:
 ========================  ==========================================================================================
 base weights              the frozen parameters in the model dtype; ZeRO-3: ``ceil(numel / N)`` of each
 MoRA matrices, trainable  the module copies of ``M`` and of ``modules_to_save``; ZeRO-3: ``1/N``
-gradients                 held after backward: ZeRO-0 an fp32 accumulator and the 16-bit grads, ZeRO-1/2 the 16-bit
-                          grads and this rank's partition, ZeRO-3 the partition
-reduce buckets            ``reduce_bucket_size`` 16-bit elements, as DeepSpeed allocates them for gradient
-                          reduction (ZeRO-1-3; the CUDA caching allocator keeps them between backwards)
+gradients                 held after backward: ZeRO-0 an fp32 accumulator and the 16-bit grads, ZeRO-1-3 this rank's
+                          16-bit partition
+reduce buckets            ``reduce_bucket_size`` elements, as DeepSpeed allocates them for gradient reduction (fp32
+                          under ZeRO-1, which accumulates there; 16-bit under ZeRO-2/3; kept by the CUDA caching
+                          allocator between backwards)
 optimizer states          fp32 masters and Adam's two moments of the trainable parameters; ZeRO-1-3: ``1/N``
 compensation buffers      one bf16 residual per adapted weight (ReMoRA / ReLoRA on a 16-bit base), ``1/N`` each
 activations               what autograd saves for backward over one micro-batch, traced on ``meta`` (the fused
@@ -147,7 +148,7 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def trace_activations(model: nn.Module, batch: int, seq_len: int, vocab: int) -> int:
+def trace_activations(model: nn.Module, batch: int, seq_len: int) -> int:
     """Bytes of the distinct storages autograd saves over one forward of ``(batch, seq_len)`` tokens with the
     loss (``model`` on ``meta``; parameters left out)."""
     params = {_storage(t) for t in [*model.parameters(), *model.buffers()]}
@@ -174,6 +175,9 @@ def trace_activations(model: nn.Module, batch: int, seq_len: int, vocab: int) ->
 def inventory(cfg: RunConfig, vocab_size: int) -> Inventory:
     """The model of ``cfg`` built on ``meta`` with its adapters, counted (see the module docstring)."""
     m = cfg.model
+    if m.gradient_checkpointing:  # its recomputation does not run on meta, and its peak is not traced
+        raise RunConfigError("the memory plan does not cover model.gradient_checkpointing=true yet: plan the run "
+                             "without it (an upper bound on activations)")
     dtype = TORCH_DTYPES[m.dtype]
     with torch.device("meta"):
         if m.pretrained is not None:
@@ -182,8 +186,6 @@ def inventory(cfg: RunConfig, vocab_size: int) -> Inventory:
         else:
             config = new_model_config(cfg, vocab_size, 0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     apply_adapters(cfg, model)
     inv = Inventory()
     for name, p in model.named_parameters():
@@ -197,7 +199,7 @@ def inventory(cfg: RunConfig, vocab_size: int) -> Inventory:
     for name, buf in model.named_buffers():
         if name.endswith(RESIDUAL) and merges:
             inv.residual.append(buf.numel() * buf.element_size())
-    inv.activations = trace_activations(model, cfg.training.micro_batch_size, cfg.data.seq_len, vocab_size)
+    inv.activations = trace_activations(model, cfg.training.micro_batch_size, cfg.data.seq_len)
     return inv
 
 
@@ -236,7 +238,7 @@ def plan_hf(cfg: RunConfig, world: int, nodes: int = 1, inv: Inventory | None = 
     else:
         grads = math.ceil(t16 / n)
         masters, moments = (math.ceil(t32 / n) if sixteen else 0), 2 * math.ceil(t32 / n)
-    buckets = bucket * (half if sixteen else 4) if stage > 0 else 0
+    buckets = 0 if stage == 0 else bucket * (half if sixteen and stage > 1 else 4)
     memory = {
         "base weights": weights, "MoRA matrices": mora, "other trainable": trainable, "gradients": grads,
         "reduce buckets": buckets, "optimizer states": masters + moments,

@@ -46,6 +46,11 @@ def test_activations_grow_with_the_micro_batch(bf16_inventory):
     assert doubled.activations == pytest.approx(2 * bf16_inventory.activations, rel=0.02)
 
 
+def test_gradient_checkpointing_is_refused_by_name():
+    with pytest.raises(RunConfigError, match="model.gradient_checkpointing=true"):
+        inventory(_cfg("model.gradient_checkpointing=true"), 1000)
+
+
 def test_the_plan_says_whether_it_fits(bf16_inventory):
     plan = plan_hf(_cfg("model.dtype=bfloat16"), 2, nodes=2, inv=bf16_inventory)
     assert plan.fits(80 * GIB) and not plan.fits(plan.total)
