@@ -13,7 +13,7 @@ methods run under :class:`_CudaAsCpu`, a ``TorchFunctionMode`` scoped to the cal
 allocates on the CPU and names CPU tensors as their CUDA types; the optimizer step itself (``torch.optim.AdamW``,
 megatron's fallback without Apex/Transformer Engine) runs unpatched. Nothing is patched on import;
 :func:`enable_cpu_megatron` patches, and only when ``torch.cuda.is_available()`` is false, so it is a no-op on
-a GPU machine. The pipeline schedules allocate their token counter with ``device="cuda"``:
+a GPU machine. The pipeline schedules allocate their token counter with ``device="cuda"`` and the MoE token
 :func:`_patch_megatron_schedules` gives them a ``torch`` namespace whose ``zeros`` allocates on the CPU. Build
 models with
 :func:`cpu_model_parallel_kwargs` (``use_cpu_initialization=True``, ``gradient_accumulation_fusion=False``)
@@ -137,9 +137,48 @@ def _patch_megatron_optimizers() -> None:
             setattr(owner, name, _on_cpu(fn))
 
 
+class _CpuStream:
+    """One stream for everything on CPU, where work runs in order: waits and events have nothing to wait for."""
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _CpuStream:
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+
+class _CudaOnCpu:
+    """``torch.cuda`` as the patched megatron modules see it on CPU: streams are :class:`_CpuStream` (the MoE token
+    dispatcher copies its split sizes on a side stream; the shared experts may overlap on one); every other name
+    is ``torch.cuda``'s own."""
+
+    _stream = _CpuStream()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    def Stream(self, *args: Any, **kwargs: Any) -> _CpuStream:  # noqa: N802 (torch.cuda.Stream's name)
+        return self._stream
+
+    def current_stream(self, device: Any = None) -> _CpuStream:
+        return self._stream
+
+    def stream(self, stream: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
 class _TorchOnCpu:
-    """``torch`` as megatron's pipeline schedules see it on CPU: ``torch.zeros(..., device="cuda")`` (their token
-    counter) allocates on the CPU; every other name is torch's own."""
+    """``torch`` as the patched megatron modules see it on CPU: ``torch.zeros(..., device="cuda")`` (the pipeline
+    schedules' token counter, the MoE aux-loss tracker) allocates on the CPU and ``torch.cuda`` is
+    :class:`_CudaOnCpu`; every other name is torch's own."""
+
+    cuda = _CudaOnCpu()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
@@ -151,12 +190,33 @@ class _TorchOnCpu:
         return torch.zeros(*args, device=device, **kwargs)
 
 
-def _patch_megatron_schedules() -> None:
-    """Give ``pipeline_parallel/schedules.py`` (and only it) the :class:`_TorchOnCpu` namespace."""
-    from megatron.core.pipeline_parallel import schedules  # megatron-core is heavy: loaded only where megatron is used
+def _patch_megatron_modules() -> None:
+    """Give the pipeline schedules and the MoE modules (and only them) the :class:`_TorchOnCpu` namespace."""
+    # megatron-core is heavy: loaded only where megatron is used
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe import moe_utils, shared_experts, token_dispatcher
 
-    if not isinstance(schedules.torch, _TorchOnCpu):
-        schedules.torch = _TorchOnCpu()
+    for module in (schedules, moe_utils, shared_experts, token_dispatcher):
+        if not isinstance(module.torch, _TorchOnCpu):
+            module.torch = _TorchOnCpu()
+    # Without Transformer Engine (never on CPU) moe_utils leaves te_general_gemm undefined, yet its router matmul
+    # asks whether it is None: None sends it to torch's matmul.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if not getattr(token_dispatcher.maybe_move_tensor_to_cpu, "__mora_cpu_shim__", False):
+        token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+
+
+def _split_sizes_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU: the all-to-all dispatcher's split
+    sizes become numpy arrays, as the device-to-host copy makes them on GPU (``all_to_all_single`` takes a
+    sequence of ints, not a tensor)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+_split_sizes_to_host.__mora_cpu_shim__ = True
 
 
 def enable_cpu_megatron() -> bool:
@@ -182,7 +242,7 @@ def enable_cpu_megatron() -> bool:
     # dist_checkpointing's writer synchronises the device before copying tensors; on CPU there is nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
     _patch_megatron_optimizers()
-    _patch_megatron_schedules()
+    _patch_megatron_modules()
     _ENABLED = True
     logger.info("megatron-core CPU mode: CPU RNG tracker and device lookup installed")
     return True
