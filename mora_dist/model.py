@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mora_dist import experts
@@ -24,6 +25,8 @@ from mora_dist.layer import MoRALayerMixin
 from mora_dist.operators import check_r_hat, compute_r_hat
 from mora_dist.parallel.chunks import (
     check_supported,
+    expert_blocks,
+    expert_groups,
     model_chunks,
     named_modules,
     pipeline_group,
@@ -68,7 +71,8 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
     chunks = model_chunks(model)
     if any(isinstance(m, MoRALayerMixin) for c in chunks for m in c.modules()):
         raise MoRAConfigError("apply_mora: the model already has MoRA layers; call unload(model) first")
-    check_supported(chunks)
+    exclude = config.exclude_modules or []
+    check_supported(chunks, [exclude] if isinstance(exclude, str) else exclude)
     index = named_modules(chunks)
     named = [(name, module) for name, module, _, _ in index]
     agree = partial(unmatched_everywhere, group=pipeline_group(chunks))
@@ -157,21 +161,27 @@ def merge_mora(model: Model, reinit: bool = True) -> int:
 
 def count_parameters(model: Model) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of the whole model (ZeRO-3 partitioned parameters counted by
-    their full size). A megatron model is counted over all its pipeline stages and tensor-parallel shards
-    (collective over both groups; replicated parameters counted once)."""
+    their full size). A megatron model is counted over all its pipeline stages and tensor-parallel shards, and
+    its MoE experts over the expert-TP and expert-parallel ranks (collective over those groups; replicated
+    parameters counted once)."""
     chunks = model_chunks(model)
     tp_group = tensor_group(chunks)
-    tp_rank = torch.distributed.get_rank(tp_group) if tp_group is not None else 0
-    trainable = total = 0
+    etp_group, ep_group = expert_groups(chunks)
+    in_experts = {id(p) for block in expert_blocks(chunks) for p in block.parameters()}
+    ranks = {False: dist.get_rank(tp_group) if tp_group is not None else 0,
+             True: dist.get_rank(etp_group) if etp_group is not None else 0}
+    counts = {False: [0, 0], True: [0, 0]}  # {expert parameter: [trainable, total]}
     for chunk in chunks:
         for p in chunk.parameters():
-            if tp_rank and not getattr(p, "tensor_model_parallel", False):
-                continue  # the same values on every tensor-parallel rank: count them on rank 0
+            expert = id(p) in in_experts
+            if ranks[expert] and not getattr(p, "tensor_model_parallel", False):
+                continue  # the same values on every (expert) tensor-parallel rank: count them on its rank 0
             n = getattr(p, "ds_numel", p.numel())
-            total += n
-            trainable += n if p.requires_grad else 0
-    counts = sum_over([trainable, total], tp_group)
-    trainable, total = sum_over(counts, pipeline_group(chunks))
+            counts[expert][1] += n
+            counts[expert][0] += n if p.requires_grad else 0
+    dense = sum_over(counts[False], tp_group)
+    experts = sum_over(sum_over(counts[True], etp_group), ep_group)
+    trainable, total = sum_over([dense[0] + experts[0], dense[1] + experts[1]], pipeline_group(chunks))
     return trainable, total
 
 

@@ -33,6 +33,7 @@ from mora_dist.config import MoRAConfig
 from mora_dist.errors import AdapterLoadError
 from mora_dist.model import Model, apply_mora, current_mora_type, mora_layers
 from mora_dist.parallel.chunks import (
+    expert_group,
     local_param,
     merge_stage_dicts,
     named_parameters,
@@ -45,9 +46,11 @@ from mora_dist.parallel.chunks import (
 
 def mora_state_dict(model: Model) -> dict[str, torch.Tensor]:
     """Global adapter tensors of the whole model keyed as in the file: tensor-parallel shards gathered, every
-    pipeline stage's tensors merged (collective: call on every rank; every rank gets the whole dict)."""
+    pipeline stage's and expert-parallel rank's tensors merged (collective: call on every rank; every rank gets
+    the whole dict)."""
     state = {f"{PREFIX}{name}.mora_M": layer.get_global_M().cpu() for name, layer in mora_layers(model)}
     state = merge_stage_dicts(state, pipeline_group(model))
+    state = merge_stage_dicts(state, expert_group(model))  # each expert-parallel rank has its own experts
     state.update(modules_to_save_state(model))
     return state
 

@@ -5,7 +5,9 @@ A megatron-core pipeline stage (or virtual-pipeline chunk) numbers its transform
 (``decoder.layers.0``), so two stages would name different layers alike. Every name here is *global*: the
 ``decoder.layers.<i>`` part of a name carries the layer's model-wide index, read from megatron's own
 ``TransformerLayer.layer_number`` (1-based, stage and chunk offset included, whatever the layout). A model at
-PP = 1 keeps its local names, so adapters move between pipeline layouts unchanged.
+PP = 1 keeps its local names, so adapters move between pipeline layouts unchanged. Likewise a mixture-of-experts
+layer under expert parallelism numbers its ``local_experts`` from 0 on every rank; here ``local_experts.<i>``
+carries the expert's global index, so adapters move between expert-parallel layouts unchanged.
 
 A model is a module or a list of chunks (virtual pipeline); megatron's wrappers (``DistributedDataParallel``,
 ``Float16Module``) are looked through. Names that live on one stage only (``embedding``, ``output_layer``,
@@ -29,6 +31,7 @@ from torch import nn
 
 from mora_dist.errors import MoRAConfigError
 from mora_dist.parallel.layouts import partition_ids
+from mora_dist.targeting import name_matches
 
 _LAYER_LIST = re.compile(r"^(.*\.)?layers\.(\d+)$")
 _WRAPPERS = ("DistributedDataParallel", "Float16Module", "TorchFullyShardedDataParallel", "FullyShardedDataParallel")
@@ -57,15 +60,22 @@ def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def _layer_renames(chunk: nn.Module) -> dict[str, str]:
-    """``{local prefix: global prefix}`` of every megatron transformer layer whose global index differs."""
-    renames = {}
+    """``{local prefix: global prefix}`` of every megatron transformer layer whose global index differs, and of
+    every MoE local expert whose global index differs (``local_experts.<i>`` of expert-parallel rank ``e`` is
+    expert ``e * num_local_experts + i``); expert prefixes come first, being the longer."""
+    layers, experts = {}, {}
     for name, module in chunk.named_modules():
         match = _LAYER_LIST.match(name)
         number = getattr(module, "layer_number", None)
         if match and _is_megatron(module) and isinstance(number, int):
             if int(match.group(2)) != number - 1:
-                renames[name] = f"{match.group(1) or ''}layers.{number - 1}"
-    return renames
+                layers[name] = f"{match.group(1) or ''}layers.{number - 1}"
+    for name, module in chunk.named_modules():
+        if _is_megatron(module) and type(module).__name__ == "SequentialMLP":
+            offset = module.ep_group.rank() * module.num_local_experts
+            for i in range(module.num_local_experts if offset else 0):
+                experts[f"{name}.local_experts.{i}"] = _globalize(f"{name}.local_experts", layers) + f".{offset + i}"
+    return {**experts, **layers}
 
 
 def _globalize(name: str, renames: dict[str, str]) -> str:
@@ -109,25 +119,52 @@ def named_parameters(model: nn.Module | Sequence[nn.Module]) -> dict[str, nn.Par
     return out
 
 
-def check_supported(model: nn.Module | Sequence[nn.Module]) -> None:
+_MOE_DISPATCHERS = ("alltoall", "allgather")
+
+
+def check_supported(model: nn.Module | Sequence[nn.Module], exclude_modules: Sequence[str] = ()) -> None:
     """Refuse megatron layouts whose adapter names or shards we do not handle (before anything changes).
 
+    Mixture-of-experts models are supported with ``SequentialMLP`` experts (megatron-core's local spec,
+    ``moe_grouped_gemm=False``) under the ``alltoall`` and ``allgather`` token dispatchers; grouped experts are
+    refused unless ``exclude_modules`` leaves them out.
+
     Raises:
-        MoRAConfigError: a mixture-of-experts or multi-token-prediction model, or chunks of mixed configs.
+        MoRAConfigError: grouped-GEMM experts, another token dispatcher, overlapped shared experts, a
+            multi-token-prediction model, or chunks of mixed configs.
     """
     for chunk in model_chunks(model):
         config = getattr(chunk, "config", None)
         if not _is_megatron(chunk) or config is None:
             continue
         if getattr(config, "num_moe_experts", None):
-            raise MoRAConfigError(
-                f"num_moe_experts={config.num_moe_experts}: mixture-of-experts megatron models are not supported "
-                "(expert layers are numbered and sharded per expert-parallel rank); use a dense model"
-            )
+            _check_moe(chunk, config, exclude_modules)
         if getattr(config, "mtp_num_layers", None):
             raise MoRAConfigError(
                 f"mtp_num_layers={config.mtp_num_layers}: multi-token-prediction layers are not supported; build "
                 "the model without them"
+            )
+
+
+def _check_moe(chunk: nn.Module, config: Any, exclude_modules: Sequence[str]) -> None:
+    dispatcher = getattr(config, "moe_token_dispatcher_type", "allgather")
+    if dispatcher not in _MOE_DISPATCHERS:
+        raise MoRAConfigError(
+            f"moe_token_dispatcher_type={dispatcher!r} is not supported with MoRA experts; use one of "
+            f"{list(_MOE_DISPATCHERS)}"
+        )
+    if getattr(config, "moe_shared_expert_overlap", False):
+        raise MoRAConfigError(
+            "moe_shared_expert_overlap=True is not supported with MoRA (the overlapped shared experts run their "
+            "linears' pieces outside the layers MoRA wraps); set it to False"
+        )
+    for name, module in chunk.named_modules():
+        grouped = name.rpartition(".")[2] == "experts" and type(module).__name__ != "SequentialMLP"
+        if grouped and not any(name_matches(name, e) for e in exclude_modules):
+            raise MoRAConfigError(
+                f"{name}: {type(module).__name__} keeps all local experts in one grouped weight, which MoRA does "
+                "not adapt yet; build the experts with moe_grouped_gemm=False (SequentialMLP, megatron-core's "
+                "local spec), or leave the whole MoE block out with exclude_modules=['*experts*']"
             )
 
 
@@ -137,6 +174,32 @@ def pipeline_group(model: nn.Module | Sequence[nn.Module]) -> dist.ProcessGroup 
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return None
     return group
+
+
+def expert_blocks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """This rank's megatron-core MoE expert blocks (``SequentialMLP``): their parameters are split over the
+    expert-TP and expert-parallel groups, not over TP."""
+    return [m for chunk in model_chunks(model) for m in chunk.modules()
+            if _is_megatron(m) and type(m).__name__ == "SequentialMLP"]
+
+
+def expert_groups(model: nn.Module | Sequence[nn.Module]) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """``(expert-TP group, expert-parallel group)`` of a mixture-of-experts megatron model, each None when it has
+    one rank (or the model has no experts). The same answer on every pipeline stage, experts or not."""
+    chunks = model_chunks(model)
+    if not dist.is_initialized() or not any(getattr(getattr(c, "config", None), "num_moe_experts", None)
+                                            for c in chunks):
+        return None, None
+    from megatron.core import parallel_state  # a megatron model: megatron-core is loaded
+
+    groups = (parallel_state.get_expert_tensor_parallel_group(), parallel_state.get_expert_model_parallel_group())
+    return tuple(g if dist.get_world_size(g) > 1 else None for g in groups)
+
+
+def expert_group(model: nn.Module | Sequence[nn.Module]) -> dist.ProcessGroup | None:
+    """The expert-parallel group of a mixture-of-experts model when it has more than one rank, else None: its
+    ranks hold different experts (under their global names) and the same dense layers."""
+    return expert_groups(model)[1]
 
 
 def tensor_group(model: nn.Module | Sequence[nn.Module]) -> dist.ProcessGroup | None:

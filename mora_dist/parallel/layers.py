@@ -30,7 +30,11 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import mappings as mm
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+from megatron.core.utils import (
+    get_pg_size,
+    make_sharded_tensor_for_checkpoint,
+    make_tp_sharded_tensor_for_checkpoint,
+)
 from torch import nn
 
 from mora_dist.config import MoRAConfig, resolve_dtype, resolve_mora_type
@@ -130,6 +134,10 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         self.name = name
         self.in_features, self.out_features = self.global_features(base_layer)
         self.tp_group, self.tp_size, self.tp_rank = self.tp_layout(base_layer)
+        # An MoE expert's linear (SequentialMLP local expert, shared experts are not) runs no collective of its
+        # own: the token dispatcher gathers its input over the expert-TP group and reduce-scatters its output.
+        self.explicit_expert_comm = bool(getattr(base_layer, "explicit_expert_comm", False))
+        self.is_expert = bool(getattr(base_layer, "is_expert", False))  # its dW is split over the expert groups
         self.sharding = sharding
         self.stride = _partition_stride(self.parallel_kind, base_layer, name)
         self.fuse_with_base_comm = fuse_with_base_comm
@@ -139,10 +147,16 @@ class _MegatronMoRALinear(MoRALayerMixin, nn.Module):
         matrix = torch.zeros(*self.operator.m_shape, dtype=resolve_dtype(mora_dtype), device=base_layer.weight.device)
         self.mora_M = nn.Parameter(matrix)
         sharded = self.plan.m_dim is not None
+        # megatron's gradient norm counts a parameter without tensor_model_parallel only on dense TP rank 0; an
+        # expert's M with expert TP = 1 has no copy in its model-parallel group, whatever the dense TP rank
+        counted_everywhere = sharded or (self.is_expert and self.tp_size == 1)
         set_tensor_model_parallel_attributes(
-            self.mora_M, sharded, self.plan.m_dim if sharded else -1, self.plan.m_stride
+            self.mora_M, counted_everywhere, self.plan.m_dim if sharded else (0 if counted_everywhere else -1),
+            self.plan.m_stride
         )
-        self.mora_M.allreduce = True  # reduced over data parallel like any dense parameter
+        # Reduced as the base weight would be: over data parallel for a dense layer, over the expert data-parallel
+        # group for an expert under expert parallelism (megatron's DDP and optimizers read this flag).
+        self.mora_M.allreduce = bool(getattr(base_layer.weight, "allreduce", True))
         self.grad_sync = grad_sync
         if not sharded and grad_sync == "step" and self.tp_size > 1:
             # summed over TP once per optimizer step by mora_dist.parallel.finalize_model_grads
@@ -374,7 +388,9 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
             if runtime_gather_output:
                 output = mm.gather_from_tensor_model_parallel_region(output, group=self.tp_group)
             return output, bias
-        if base.sequence_parallel:
+        if self.explicit_expert_comm:
+            x = input_
+        elif base.sequence_parallel:
             x = mm.gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=self.tp_group)
         elif base.allreduce_dgrad:
             x = mm.copy_to_tensor_model_parallel_region(input_, group=self.tp_group)  # one dX all-reduce for both
@@ -396,7 +412,9 @@ class MoRAColumnParallelLinear(_MegatronMoRALinear):
         M = self._matrix(input_)
         split = "sequence" if self.base_layer.sequence_parallel else None
         u = self.operator.compress(self._dropout(input_, split).to(M.dtype))
-        if self.base_layer.sequence_parallel:
+        if self.explicit_expert_comm:
+            pass  # the dispatcher sums the input gradient over the expert-TP group
+        elif self.base_layer.sequence_parallel:
             u = mm.gather_from_sequence_parallel_region(u, tensor_parallel_output_grad=True, group=self.tp_group)
         else:
             u = mm.copy_to_tensor_model_parallel_region(u, group=self.tp_group)
@@ -431,7 +449,9 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
         partial = self.operator.forward(
             self._dropout(x, "features"), self._matrix(x), self._linear(x, base.weight, None), inplace=True
         )
-        if base.sequence_parallel:
+        if self.explicit_expert_comm:
+            output_ = partial  # the dispatcher's combine reduces the expert-TP partial sums
+        elif base.sequence_parallel:
             output_ = mm.reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
         else:
             output_ = mm.reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
@@ -444,7 +464,9 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
         M = self._matrix(x)
         u = self.operator.compress(self._dropout(x, "features").to(M.dtype))
         z = self.operator.apply_matrix(u, M)
-        if self.base_layer.sequence_parallel:
+        if self.explicit_expert_comm:
+            pass  # the dispatcher's combine reduces the expert-TP partial sums
+        elif self.base_layer.sequence_parallel:
             z = mm.reduce_scatter_to_sequence_parallel_region(z, group=self.tp_group)
         else:
             z = mm.reduce_from_tensor_model_parallel_region(z, group=self.tp_group)
@@ -452,10 +474,14 @@ class MoRARowParallelLinear(_MegatronMoRALinear):
 
 
 def _check_base(base_layer: nn.Module, name: str, fuse_with_base_comm: bool) -> None:
-    if getattr(base_layer, "is_expert", False) or ".local_experts." in f".{name}.":
+    expert_tp = get_pg_size(getattr(base_layer, "tp_group", None)) if getattr(base_layer, "is_expert", False) else 1
+    dense_tp = parallel_state.get_tensor_model_parallel_world_size()
+    if expert_tp > 1 and expert_tp != dense_tp:
+        # megatron counts a replicated parameter in the gradient norm on dense TP rank 0 only, which is not one
+        # rank per expert-TP group unless the two TP sizes agree
         raise MoRAConfigError(
-            f"{name}: MoRA does not adapt MoE expert layers (SequentialMLP local_experts) yet; leave them out "
-            "with exclude_modules=['*local_experts*'] (the dense and attention layers are still adapted)"
+            f"{name}: expert_tensor_parallel_size={expert_tp} with tensor_model_parallel_size={dense_tp} is not "
+            "supported for MoRA experts; use expert_tensor_parallel_size=1 or equal to tensor_model_parallel_size"
         )
     if getattr(base_layer, "weight", None) is None:
         raise MoRAConfigError(

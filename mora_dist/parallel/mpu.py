@@ -30,6 +30,10 @@ class MegatronMPU:
     def get_model_parallel_rank(self) -> int:
         return torch.distributed.get_rank(self.get_model_parallel_group())
 
+    def get_expert_tensor_model_pipeline_parallel_group(self) -> Any:
+        """The group a MoE expert's weights are split over (expert TP x expert parallel x pipeline)."""
+        return self._ps.get_expert_tensor_model_pipeline_parallel_group()
+
     def get_data_parallel_group(self) -> Any:
         return self._ps.get_data_parallel_group()
 

@@ -26,8 +26,9 @@ and (under FP8) its fused norm+quantize kernel. Weights kept in FP8 (``quantized
 On CUDA ``M`` is allocated on the base weight's device; with ``params_dtype`` bf16 ``M`` stays in ``mora_dtype``
 and the adapter multiplies in the activation dtype (:class:`~mora_dist.parallel.layers.MoRAColumnParallelLinear`).
 
-Refused with an error that names the option: MoE experts (``SequentialMLP`` local experts; grouped experts,
-``TEGroupedLinear``), which have no per-expert MoRA yet; FP8 primary weights (above).
+Refused with an error that names the option: Transformer Engine MoE experts (``SequentialMLP`` local experts of
+the TE spec; grouped experts, ``TEGroupedLinear``), which have no per-expert MoRA yet (megatron-core's local-spec
+experts are adapted: :mod:`mora_dist.parallel.layers`); FP8 primary weights (above).
 
 Spec: §4.
 """
@@ -179,6 +180,14 @@ def te_wrapper_class(module: nn.Module, name: str) -> type[MoRATEColumnParallelL
     cls = type(module).__name__
     if not hasattr(module, "parallel_mode") or not hasattr(module, "tp_size"):
         raise MoRAConfigError(f"{name}: {cls} is not a megatron-core or Transformer Engine linear layer MoRA can wrap")
+    if getattr(module, "is_expert", False) or ".local_experts." in f".{name}.":
+        # megatron builds an expert's TE linear with tp_size=1 and its expert-TP partition as its whole shape, so the
+        # adapter would not see the global weight it must be the same function of at every expert-TP size
+        raise MoRAConfigError(
+            f"{name}: {cls} is a Transformer Engine MoE expert layer, which MoRA does not adapt yet; build the "
+            "experts from megatron-core's local spec (get_gpt_layer_local_spec, moe_grouped_gemm=False), or leave "
+            "them out with exclude_modules=['*local_experts*']"
+        )
     if hasattr(module, "num_gemms") or "Grouped" in cls:
         raise MoRAConfigError(
             f"{name}: {cls} holds grouped MoE experts, which MoRA does not adapt; leave them out with "

@@ -192,11 +192,12 @@ class RestartCallback(Callback):
                 for layer in layers for name, value in self._reinit_values(layer, generator).items()]
         state.check(engine.optimizer, [(name, param) for name, param, _ in plan])
         record = {"step": step, **self._cycle_record(engine)}
-        sq_norm = residual_sq = 0.0
+        sums = {False: [0.0, 0.0], True: [0.0, 0.0]}  # {expert layer: [||dW||^2, ||residual||^2]}
         for layer in layers:
             norms = self._merge_layer(engine, layer)
-            sq_norm += norms.delta_sq
-            residual_sq += norms.residual_sq
+            part = sums[bool(getattr(layer, "is_expert", False))]
+            part[0] += norms.delta_sq
+            part[1] += norms.residual_sq
         for _, param, value in plan:
             state.set_full(engine.optimizer, param, value)
         params = [param for _, param, _ in plan]
@@ -204,13 +205,15 @@ class RestartCallback(Callback):
         fraction = state.zeroed_fraction(engine.optimizer, params)
         self.merged_steps.append(step)
         self.cycles.append(record)
-        delta_norm = math.sqrt(self._model_parallel_sum(engine, sq_norm))
+        sq_norm, residual_sq = (self._model_parallel_sum(engine, sums[False][i])
+                                + self._model_parallel_sum(engine, sums[True][i], expert=True) for i in (0, 1))
+        delta_norm = math.sqrt(sq_norm)
         metrics = {
             f"{self.prefix}/merges": float(self.merges),
             f"{self.prefix}/delta_norm": delta_norm,
             # what the base dtype could not absorb, relative to ||dW|| (carried to the next merge when
             # merge_compensation is on, lost otherwise; 0 for an fp32 base)
-            f"{self.prefix}/merge_residual": math.sqrt(self._model_parallel_sum(engine, residual_sq)) / delta_norm
+            f"{self.prefix}/merge_residual": math.sqrt(residual_sq) / delta_norm
             if delta_norm > 0 else 0.0,
             f"{self.prefix}/zeroed_fraction": fraction,
             **self._after_merge(layers),
@@ -231,18 +234,19 @@ class RestartCallback(Callback):
                 state.set_full(optimizer, param, new, key)
 
     @staticmethod
-    def _model_parallel_sum(engine: Any, value: float) -> float:
+    def _model_parallel_sum(engine: Any, value: float, *, expert: bool = False) -> float:
         """Sum over the tensor x pipeline group: each rank's ``dW`` is a disjoint part of the model's (its TP
-        shard of its stage's layers), so the metrics are the whole model's on every layout."""
+        shard of its stage's layers), so the metrics are the whole model's on every layout. MoE expert layers
+        (``expert``) are split over the expert-TP x expert-parallel x pipeline group instead."""
         mpu = getattr(engine, "mpu", None)
         if mpu is None or not dist.is_initialized():
             return value
-        if hasattr(mpu, "get_model_parallel_group"):
-            group = mpu.get_model_parallel_group()
-        elif hasattr(mpu, "get_tensor_model_parallel_group"):
-            group = mpu.get_tensor_model_parallel_group()
-        else:
+        names = ("get_expert_tensor_model_pipeline_parallel_group",) if expert else ()
+        names += ("get_model_parallel_group", "get_tensor_model_parallel_group")
+        name = next((n for n in names if hasattr(mpu, n)), None)
+        if name is None:
             return value
+        group = getattr(mpu, name)()
         device = engine.device if hasattr(engine, "device") else torch.device("cpu")  # NCCL needs device tensors
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t, group=group)

@@ -9,8 +9,10 @@ import warnings
 import torch
 
 
-def init_megatron(tp: int, *, seed: int = 1234, device: str = "cpu") -> torch.device:
-    """Process group, megatron-core model parallel state with TP = ``tp`` and seeds; returns this rank's device.
+def init_megatron(tp: int, *, seed: int = 1234, device: str = "cpu", ep: int = 1,
+                  etp: int | None = None) -> torch.device:
+    """Process group, megatron-core model parallel state with TP = ``tp`` (expert parallel ``ep``, expert TP ``etp``,
+    default ``tp``) and seeds; returns this rank's device.
 
     ``device="cpu"``: gloo, the CPU shim and its RNG tracker. ``device="cuda"``: GPU ``LOCAL_RANK`` made current
     (megatron allocates its collectives' buffers on ``torch.cuda.current_device()``), NCCL, megatron's own CUDA
@@ -38,7 +40,8 @@ def init_megatron(tp: int, *, seed: int = 1234, device: str = "cpu") -> torch.de
     from mora_dist.parallel.cpu_shim import cpu_model_parallel_seed, enable_cpu_megatron
 
     enable_cpu_megatron()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=etp)
     cpu_model_parallel_seed(seed)
     return torch.device("cpu")
 
