@@ -8,7 +8,9 @@ parallel 4, so each expert's ``M`` gradient is reduced over an expert data-paral
 - one step under megatron's DDP: per-token losses, the gradient entering layer 0's MoE block, every layer's
   (dense, shared-expert and per-expert) ``M`` gradient after DDP's reduction, and ``M`` after an Adam step;
 - five steps of ReMoRA (merges at 2 and 4, types 6 -> 1) under DDP + the distributed optimizer: losses,
-  gradient norms, ``||dW||`` of each merge, ``M`` and every merged expert weight at the end.
+  gradient norms, ``||dW||`` of each merge, ``M`` and every merged expert weight at the end;
+- its ``dist_checkpointing`` checkpoint of step 3, resumed at EP = 1, TP = 1: steps 4 and 5 as the
+  uninterrupted EP = 1 run.
 
 Spec: §4, §5.
 """
@@ -127,14 +129,47 @@ def _step(ddp, optimizer, step: int, keep_input_grad: bool = False):
     return per_token.detach(), grad
 
 
-def _worker(name: str):
+def _remora(layout, engine_steps=0):
+    from megatron.core import parallel_state as ps
+
+    from mora_dist.parallel.mpu import MegatronMPU
+    from mora_dist.training.callbacks import CallbackList, TrainerEngineView
+    from mora_dist.training.remora import ReMoRACallback
+
+    model, ddp, optimizer = _build(layout, mora_type=6, distributed=True, sharding="replicate")
+    engine = TrainerEngineView(ddp, optimizer, None, engine_steps)
+    engine.mpu = MegatronMPU(ps)
+    callbacks = CallbackList([ReMoRACallback(merge_every=2, type_cycle=(6, 1), restart_warmup=0)])
+    callbacks.on_train_begin(engine)
+    return model, ddp, optimizer, engine, callbacks
+
+
+def _resume_worker(folder: str):
+    """Load the checkpoint a layout wrote after step 3 at EP = 1, TP = 1 and train steps 4 and 5."""
+    from mora_dist.training.dist_checkpoint import load_checkpoint
+
+    init_megatron(1)
+    model, ddp, optimizer, engine, callbacks = _remora((1, 1, 1, 1, "alltoall"))
+    load_checkpoint(folder, engine, callbacks)
+    out = {"loaded_step": engine.global_steps, "losses": []}
+    for step in range(engine.global_steps + 1, 6):
+        per_token, _ = _step(ddp, optimizer, step)
+        ok, _, _ = optimizer.step()
+        assert ok
+        engine.global_steps = step
+        out["losses"].append(per_token)
+        callbacks.on_step_end(engine)
+    out["remora_m"], out["remora_experts"] = _global_matrices(model), _expert_weights(model)
+    close_megatron()
+    return portable(out)
+
+
+def _worker(name: str, folder: str | None = None):
     from megatron.core import parallel_state as ps
 
     from mora_dist.adapters.mora import mora_state_dict
     from mora_dist.model import count_parameters
-    from mora_dist.parallel.mpu import MegatronMPU
-    from mora_dist.training.callbacks import TrainerEngineView
-    from mora_dist.training.remora import ReMoRACallback
+    from mora_dist.training.dist_checkpoint import save_checkpoint
 
     layout = LAYOUTS.get(name, (1, 1, 1, 1, "alltoall"))
     _, tp, ep, etp, _ = layout
@@ -152,11 +187,7 @@ def _worker(name: str):
     out["adapter"] = mora_state_dict(model)  # what write_mora saves: every expert under its global name
     out["expert_dp"] = ps.get_expert_data_parallel_world_size()
 
-    model, ddp, optimizer = _build(layout, mora_type=6, distributed=True, sharding="replicate")
-    engine = TrainerEngineView(ddp, optimizer, None, 0)
-    engine.mpu = MegatronMPU(ps)
-    remora = ReMoRACallback(merge_every=2, type_cycle=(6, 1), restart_warmup=0)
-    remora.on_train_begin(engine)
+    model, ddp, optimizer, engine, callbacks = _remora(layout)
     out["remora_losses"], out["merges"] = [], []
     out["remora_grad_norms"] = []
     for step in range(1, 6):
@@ -166,7 +197,9 @@ def _worker(name: str):
         engine.global_steps = step
         out["remora_losses"].append(per_token)
         out["remora_grad_norms"].append(grad_norm)
-        metrics = remora.on_step_end(engine)
+        metrics = callbacks.on_step_end(engine)
+        if step == 3 and folder is not None:  # after the first merge, mid-cycle: moments and type must survive
+            save_checkpoint(folder, engine, callbacks)
         if metrics:
             out["merges"].append((step, metrics["remora/type"], metrics["remora/delta_norm"],
                                   metrics["remora/zeroed_fraction"]))
@@ -206,13 +239,17 @@ def _close(actual, expected, what: str, rtol: float = 1e-5, atol: float = 1e-6):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_moe_layout_matches_ep1_tp1(reference, name):
-    """Outputs, the input gradient of the MoE block, every ``M`` gradient (dense, shared expert, each expert) and
-    ``M`` after a step match EP = 1, TP = 1, and so do the parameter counts and the adapter file's tensors; so do five ReMoRA steps under the distributed optimizer with two
-    merges into the experts' weights (losses, ``||dW||``, ``M`` and merged expert weights). A dropped or doubled
-    expert-data-parallel reduction changes the expert ``M`` gradients (``ep2_dp4``: expert DP = 2); a merge that
-    reset expert ``M`` or its Adam moments on one rank only changes the step after the merge."""
-    results = [restore(r) for r in run_workers(_worker, LAYOUTS[name][0], name)]
+def test_moe_layout_matches_ep1_tp1(reference, name, tmp_path):
+    """Outputs, the input gradient of the MoE block, every ``M`` gradient (dense, shared expert, each expert),
+    the gradient norm and ``M`` after a step match EP = 1, TP = 1, and so do the parameter counts and the adapter
+    file's tensors; so do five ReMoRA steps under the distributed optimizer with two merges into the experts'
+    weights (losses, ``||dW||``, ``M`` and merged expert weights). A dropped or doubled expert-data-parallel
+    reduction changes the expert ``M`` gradients (``ep2_dp4``: expert DP = 2); a merge that reset expert ``M`` or
+    its Adam moments on one rank only changes the step after the merge. The checkpoint written after step 3
+    resumes at EP = 1, TP = 1 onto the same steps 4 and 5 (a lost expert shard of ``M``, of its moments or of the
+    merge residual, or experts renumbered by rank, would change them)."""
+    folder = str(tmp_path / "step3")
+    results = [restore(r) for r in run_workers(_worker, LAYOUTS[name][0], name, folder)]
     ref = reference
     if name == "ep2_dp4":
         assert all(r["expert_dp"] == 2 for r in results)
@@ -248,6 +285,16 @@ def test_moe_layout_matches_ep1_tp1(reference, name):
     assert set(merged) == set(ref["remora_experts"])
     for key, value in merged.items():
         _close(value, ref["remora_experts"][key], f"merged expert weight {key}")
+
+    (resumed,) = run_workers(_resume_worker, 1, folder)
+    resumed = restore(resumed)
+    assert resumed["loaded_step"] == 3
+    for step, (mine, theirs) in enumerate(zip(resumed["losses"], ref["remora_losses"][3:], strict=True), 4):
+        _close(mine, theirs, f"loss at step {step} resumed at EP 1 x TP 1")
+    for key in ("remora_m", "remora_experts"):
+        assert set(resumed[key]) == set(ref[key])
+        for k, value in resumed[key].items():
+            _close(value, ref[key][k], f"{k} resumed at EP 1 x TP 1")
 
 
 def _assemble_steps(results: list[dict]) -> list[torch.Tensor]:

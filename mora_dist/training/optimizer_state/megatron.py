@@ -251,6 +251,11 @@ def set_adam_steps(optimizer: Any, steps: Sequence[float | None]) -> None:
     resumed run's bias correction would restart without this; and it gives every parameter the same ``step``
     tensor, which AdamW's foreach step then increments once per parameter. Each parameter gets its own here."""
     leaves = _leaves(optimizer)
+    known = {step for step in steps if step is not None}
+    if len(steps) != len(leaves) and len(known) <= 1:
+        # the leaves step together; their number follows the layout (MoE experts get their own optimizer under
+        # expert parallelism only), so one step count serves any layout
+        steps = [next(iter(known), None)] * len(leaves)
     if len(steps) != len(leaves):
         raise MoRAError(f"checkpoint has Adam steps for {len(steps)} optimizers, the model's ChainedOptimizer has "
                         f"{len(leaves)}; resume with the same model and optimizer configuration")
