@@ -66,6 +66,11 @@ class ModelSection(_Section):
     # megatron backend without DeepSpeed (deepspeed: null) only: pipeline stages and chunks per stage
     pipeline_model_parallel_size: int = Field(default=1, gt=0)
     virtual_pipeline_model_parallel_size: int | None = Field(default=None, gt=1)
+    # megatron-native mixtures of experts only: experts split over expert_model_parallel_size ranks, each
+    # expert's weights over expert_tensor_parallel_size (1, or tensor_model_parallel_size)
+    expert_model_parallel_size: int = Field(default=1, gt=0)
+    expert_tensor_parallel_size: int = Field(default=1, gt=0)
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     gradient_checkpointing: bool = False
 
     def arch(self) -> dict[str, int]:
@@ -257,9 +262,7 @@ def _cross_section_problems(cfg: RunConfig, *, check_paths: bool = True) -> list
     if m.architecture == "llama" and moe_fields:
         out.append(f"model.{moe_fields[0]} is set but model.architecture='llama' has no experts: set "
                    "model.architecture to 'mixtral' or 'qwen3_moe', or remove it")
-    if m.architecture != "llama" and m.backend != "hf":
-        out.append(f"model.architecture={m.architecture!r} (mixture of experts) trains on model.backend='hf' only; "
-                   "the megatron backend builds dense GPT models")
+    _check_megatron_moe(cfg, out)
     if m.architecture != "llama" and m.pretrained is None:
         a = m.arch()
         if a["num_experts_per_tok"] > a["num_experts"]:
@@ -356,6 +359,44 @@ def _check_native(cfg: RunConfig, out: list[str]) -> None:
             out.append(f"model.num_layers={layers} is not divisible by pipeline_model_parallel_size x "
                        f"virtual_pipeline_model_parallel_size = {chunks}: every model chunk needs the same layer "
                        "count")
+
+
+def _check_megatron_moe(cfg: RunConfig, out: list[str]) -> None:
+    """Mixtures of experts on the megatron backend: megatron-native training, expert layout. Spec: §4."""
+    m = cfg.model
+    ep, etp, tp = m.expert_model_parallel_size, m.expert_tensor_parallel_size, m.tensor_model_parallel_size
+    moe = m.architecture != "llama"
+    if not moe:
+        for key, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+            if value != 1:
+                out.append(f"model.{key}={value} needs experts: set model.architecture to 'mixtral' or 'qwen3_moe'")
+        return
+    if m.backend != "megatron":
+        if ep != 1 or etp != 1:
+            out.append("model.expert_model_parallel_size / expert_tensor_parallel_size are read by "
+                       "model.backend='megatron' only: remove them, or set model.backend='megatron'")
+        return
+    if cfg.deepspeed is not None:
+        out.append(f"model.architecture={m.architecture!r} on model.backend='megatron' trains with megatron-core's "
+                   "own DDP and optimizer (they reduce and shard expert weights over the expert groups): set "
+                   "deepspeed=null")
+    if m.pretrained is not None:
+        out.append("model.pretrained with a mixture of experts on model.backend='megatron' is not supported yet: use "
+                   "model.backend='hf' for continual pretraining of a Hugging Face MoE checkpoint")
+    if m.pipeline_model_parallel_size != 1:
+        out.append(f"model.pipeline_model_parallel_size={m.pipeline_model_parallel_size} with experts is not "
+                   "supported yet: use 1")
+    if etp not in (1, tp):
+        out.append(f"model.expert_tensor_parallel_size={etp} must be 1 or model.tensor_model_parallel_size={tp}")
+    positions = cfg.data.seq_len - 1  # a block of seq_len tokens predicts its last seq_len - 1
+    if tp > 1 and positions % tp:
+        out.append(f"model.tensor_model_parallel_size={tp} with experts runs sequence parallel, which splits the "
+                   f"data.seq_len - 1 = {positions} predicted positions over TP: set data.seq_len to 1 + a multiple "
+                   f"of {tp} (e.g. {positions - positions % tp + tp + 1})")
+    experts = m.arch()["num_experts"]
+    if experts % ep:
+        out.append(f"model.num_experts={experts} is not divisible by model.expert_model_parallel_size={ep}: every "
+                   "expert-parallel rank holds the same number of experts")
 
 
 def _check_restarts(cfg: RunConfig, out: list[str]) -> None:

@@ -40,6 +40,7 @@ from mora_dist.errors import MoRAConfigError, MoRAError
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.merge import FoldNorms
 from mora_dist.model import mora_layers
+from mora_dist.parallel.chunks import expert_group, merge_stage_dicts, pipeline_group
 from mora_dist.training.callbacks import Callback
 from mora_dist.training.optimizer_state import OptimizerState, backend_for
 from mora_dist.training.schedulers import RestartScheduler
@@ -353,6 +354,9 @@ class ReMoRACallback(RestartCallback):
         state = backend_for(engine.optimizer)
         matrices = {name: layer.get_global_M(state.get_full(engine.optimizer, layer.mora_M)).float().cpu()
                     for name, layer in mora_layers(engine.module)}
+        # every rank keeps the whole model's record: pipeline stages and expert-parallel ranks hold other layers
+        for group in (pipeline_group(engine.module), expert_group(engine.module)):
+            matrices = merge_stage_dicts(matrices, group)
         return {"mora_type": self.current_type, "matrices": matrices}
 
     def _reinit_values(self, layer: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -9,18 +9,9 @@ import zlib
 import torch
 from torch import nn
 
+from mora_dist.run.megatron.model import SequenceParallelRMSNorm
+
 EXPERTS, TOPK, HIDDEN, FFN, MOE_FFN, SHARED_FFN, VOCAB = 4, 2, 32, 48, 24, 16, 64
-
-
-class SequenceParallelRMSNorm(nn.RMSNorm):
-    """RMSNorm as megatron builds a norm (``config, hidden_size, eps``), usable under sequence parallelism: it
-    normalises each token alone, so the sequence chunk of a rank needs nothing from the others. Megatron's local
-    spec falls back to a norm that refuses sequence parallelism when Apex is absent (always on CPU), and MoE with
-    TP > 1 requires sequence parallelism."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
-        self.weight.sequence_parallel = config.sequence_parallel  # its gradient is summed over TP, as megatron's
 
 
 def moe_config(tp: int, ep: int, etp: int, dispatcher: str = "alltoall", *, num_layers: int = 2, bf16: bool = False):

@@ -9,7 +9,8 @@ from mora_dist.run.config import check_world, validate_run_config
 
 CONFIGS = sorted(Path("configs").glob("*.json"))
 # World sizes each config is meant for; paths of user corpora/checkpoints are not on the test machine.
-WORLDS = {"remora_tiny": 2, "remora_tiny_moe": 2, "remora_tiny_megatron_tp2": 2, "remora_250m_megatron_tp2": 8}
+WORLDS = {"remora_tiny": 2, "remora_tiny_moe": 2, "remora_tiny_megatron_tp2": 2, "remora_250m_megatron_tp2": 8,
+          "remora_tiny_megatron_moe": 2}
 
 
 def test_the_configs_the_issue_names_are_shipped():

@@ -42,8 +42,18 @@ def test_a_dense_llama_by_default():
 @pytest.mark.parametrize("model, message", [
     ({"architecture": "llama"}, "model.num_experts is set but model.architecture='llama' has no experts"),
     ({"num_experts_per_tok": 5}, "model.num_experts_per_tok=5 exceeds model.num_experts=4"),
-    ({"backend": "megatron"}, "model.architecture='mixtral' (mixture of experts) trains on model.backend='hf' only"),
-], ids=["experts-on-llama", "top-k-above-experts", "megatron"])
+    ({"backend": "megatron"}, "model.architecture='mixtral' on model.backend='megatron' trains with megatron-core's "
+                              "own DDP and optimizer"),
+    ({"expert_model_parallel_size": 2}, "read by model.backend='megatron' only"),
+    ({"architecture": "llama", "num_experts": None, "num_experts_per_tok": None, "expert_model_parallel_size": 2},
+     "model.expert_model_parallel_size=2 needs experts"),
+    ({"backend": "megatron", "expert_model_parallel_size": 3}, "model.num_experts=4 is not divisible by "
+                                                                "model.expert_model_parallel_size=3"),
+    ({"backend": "megatron", "tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 4},
+     "model.expert_tensor_parallel_size=4 must be 1 or model.tensor_model_parallel_size=2"),
+    ({"backend": "megatron", "tensor_model_parallel_size": 2}, "set data.seq_len to 1 + a multiple of 2"),
+], ids=["experts-on-llama", "top-k-above-experts", "megatron-deepspeed", "ep-on-hf", "ep-dense", "ep-divides",
+        "etp", "sequence-parallel"])
 def test_moe_mistakes_are_refused_naming_the_field(model, message):
     with pytest.raises(RunConfigError) as info:
         validate_run_config(_raw(**model))

@@ -75,7 +75,8 @@ def load_megatron_run_tp1(run_dir: str | os.PathLike, tag: str | None = None):
     if not parallel_state.model_parallel_is_initialized():
         init_model_parallel(1, cfg.training.seed)
     single = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-              "virtual_pipeline_model_parallel_size": None}
+              "virtual_pipeline_model_parallel_size": None, "expert_model_parallel_size": 1,
+              "expert_tensor_parallel_size": 1}
     cfg1 = cfg.model_copy(update={"model": cfg.model.model_copy(update=single)})
     model = build_gpt(cfg1, cfg.model.vocab_size)
     if cfg.deepspeed is None:  # megatron-native run: dist_checkpointing reshards it to TP = 1, PP = 1
@@ -114,9 +115,18 @@ def megatron_to_hf(model: nn.Module, cfg: RunConfig) -> nn.Module:
 
 
 
+def _refuse_moe(cfg: RunConfig, what: str) -> None:
+    if cfg.model.architecture != "llama":
+        raise MoRAConfigError(f"{what} of a megatron mixture-of-experts run (model.architecture="
+                              f"{cfg.model.architecture!r}) is not supported yet: export its adapter with "
+                              "--adapter-only (every expert under its global index)")
+
+
 def export_megatron_run(run_dir: str | os.PathLike, *, tag: str | None = None, adapter_only: bool = False):
     """The model ``launch/export.py`` saves: the TP = 1 adapted GPTModel for ``--adapter-only`` (its
     ``save_mora`` writes global, TP-agnostic tensors), else the merged Hugging Face Llama (adapters folded)."""
+    if not adapter_only:
+        _refuse_moe(read_run_config(run_dir), "the merged Hugging Face export")
     cfg, model = load_megatron_run_tp1(run_dir, tag)
     if adapter_only:
         return model
@@ -147,6 +157,7 @@ def export_megatron_peft_lora(run_dir: str | os.PathLike, out: str | os.PathLike
 
     Spec: §2.5, §4.
     """
+    _refuse_moe(read_run_config(run_dir), "--format peft-lora")
     cfg, model = load_megatron_run_tp1(run_dir, tag)
     terms = peft_lora_terms(model, cycles=cycles)
     mora_bytes = sum(layer.r_hat**2 * 4 for _, layer in mora_layers(model))

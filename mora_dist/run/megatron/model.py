@@ -31,13 +31,15 @@ from mora_dist.run.model_shape import GPTShape
 logger = logging.getLogger(__name__)
 
 
-def init_model_parallel(tp: int, seed: int, *, pp: int = 1, vpp: int | None = None) -> None:
+def init_model_parallel(tp: int, seed: int, *, pp: int = 1, vpp: int | None = None, ep: int = 1,
+                        etp: int = 1) -> None:
     """megatron-core's parallel state over the existing process group, CPU shim when CUDA is absent, seeds."""
     from megatron.core import parallel_state  # megatron-core is heavy: only megatron runs load it
 
     enable_cpu_megatron()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vpp)
+                                             virtual_pipeline_model_parallel_size=vpp,
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # CUDA runs only
 
@@ -45,6 +47,56 @@ def init_model_parallel(tp: int, seed: int, *, pp: int = 1, vpp: int | None = No
     else:
         cpu_model_parallel_seed(seed)
 
+
+
+class SequenceParallelRMSNorm(nn.RMSNorm):
+    """RMSNorm as megatron builds a norm (``config, hidden_size, eps``), usable under sequence parallelism, which
+    megatron-core requires for MoE at TP > 1: it normalises each token alone, so a rank's sequence chunk needs
+    nothing from the others, and its weight is tagged ``sequence_parallel`` so megatron sums its gradient over TP,
+    as Apex's and Transformer Engine's norms are. Megatron's local spec falls back to a torch norm that refuses
+    sequence parallelism when Apex is absent (always on CPU)."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def moe_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields of the model section's mixture of experts (none for a dense model): top-k
+    of ``num_experts`` experts of width ``intermediate_size``, routed as the Hugging Face model of the same
+    architecture routes (Mixtral: softmax over the top-k logits; Qwen3-MoE: softmax over all, then top-k), the
+    load-balancing loss weighted by ``router_aux_loss_coef``; sequence parallelism at TP > 1."""
+    m = cfg.model
+    if m.architecture == "llama":
+        return {}
+    a = m.arch()
+    return dict(
+        num_moe_experts=a["num_experts"], moe_router_topk=a["num_experts_per_tok"],
+        moe_ffn_hidden_size=a["intermediate_size"], moe_router_pre_softmax=m.architecture == "qwen3_moe",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=m.router_aux_loss_coef,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type, qk_layernorm=m.architecture == "qwen3_moe",
+        expert_model_parallel_size=m.expert_model_parallel_size,
+        expert_tensor_parallel_size=m.expert_tensor_parallel_size,
+        sequence_parallel=m.tensor_model_parallel_size > 1,
+    )
+
+
+def layer_spec(config: Any) -> Any:
+    """megatron-core's local spec for ``config``: ``SequentialMLP`` experts for a mixture of experts, whose norms
+    are :class:`SequenceParallelRMSNorm` under sequence parallelism."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # megatron runs only
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # megatron runs only
+
+    experts = config.num_moe_experts
+    spec = get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    if not config.sequence_parallel:
+        return spec
+    sub = spec.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if config.qk_layernorm:
+        sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = \
+            SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=SequenceParallelRMSNorm)
 
 
 def gpt_shape(cfg: RunConfig, vocab_size: int | None = None):
@@ -76,10 +128,7 @@ def build_gpt_chunks(cfg: RunConfig, vocab_size: int) -> list[nn.Module]:
     # megatron-core is heavy: only megatron runs load it
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel  # megatron-core is heavy: loaded only where megatron is used
-
-    # megatron-core is heavy: loaded only where megatron is used
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig  # megatron runs only
 
     m = cfg.model
     shape = gpt_shape(cfg, vocab_size)
@@ -99,14 +148,14 @@ def build_gpt_chunks(cfg: RunConfig, vocab_size: int) -> list[nn.Module]:
         pipeline_model_parallel_size=m.pipeline_model_parallel_size, virtual_pipeline_model_parallel_size=vpp,
         pipeline_dtype=dtype, params_dtype=torch.float32 if native else dtype,
         bf16=native and m.dtype == "bfloat16", hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
-        **extra,
+        **moe_fields(cfg), **extra,
     )
     torch.manual_seed(cfg.training.seed)
     chunks = []
     for stage in range(vpp or 1):
         vp = stage if vpp else None
         chunks.append(GPTModel(
-            config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            config=config, transformer_layer_spec=layer_spec(config),
             vocab_size=shape.vocab_size, max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
             rotary_base=int(shape.rope_theta), share_embeddings_and_output_weights=shape.tie_word_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

@@ -155,6 +155,8 @@ class NativeEngine:
                 "tensor_model_parallel_size": m.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": m.pipeline_model_parallel_size,
                 "virtual_pipeline_model_parallel_size": m.virtual_pipeline_model_parallel_size,
+                "expert_model_parallel_size": m.expert_model_parallel_size,
+                "expert_tensor_parallel_size": m.expert_tensor_parallel_size,
                 "data_parallel_size": ps.get_data_parallel_world_size(),
             }, indent=1))
         dist.barrier()
@@ -182,12 +184,23 @@ def _optimizers(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+class _JointParamGroups(torch.optim.Optimizer):
+    """The param groups of megatron's inner torch optimizers as one optimizer, for one LR scheduler to drive:
+    under expert parallelism megatron builds a second optimizer for the experts. The groups are the inner
+    optimizers' own dicts, so the scheduler's learning rates reach them; megatron's optimizer steps them."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        super().__init__([torch.zeros(0, requires_grad=True)], {})  # a placeholder: the groups are replaced
+        self.param_groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+
+    def step(self, closure: Any = None) -> None:
+        raise RuntimeError("stepped by megatron's optimizer, not through the LR scheduler's view of its groups")
+
+
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer whose ``param_groups`` megatron's optimizer steps with (our schedulers drive it)."""
-    inner = _optimizers(optimizer)
-    if len(inner) != 1:
-        raise RuntimeError(f"megatron built {len(inner)} optimizers (expert parameters?); one is supported")
-    return inner[0].optimizer
+    inner = [leaf.optimizer for leaf in _optimizers(optimizer)]
+    return inner[0] if len(inner) == 1 else _JointParamGroups(inner)
 
 
 class NativeBackend:
@@ -198,7 +211,8 @@ class NativeBackend:
 
         m = cfg.model
         init_model_parallel(m.tensor_model_parallel_size, cfg.training.seed, pp=m.pipeline_model_parallel_size,
-                            vpp=m.virtual_pipeline_model_parallel_size)
+                            vpp=m.virtual_pipeline_model_parallel_size, ep=m.expert_model_parallel_size,
+                            etp=m.expert_tensor_parallel_size)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
