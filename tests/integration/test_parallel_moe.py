@@ -205,6 +205,8 @@ def _worker(name: str, folder: str | None = None):
                                   metrics["remora/zeroed_fraction"]))
     out["remora_m"] = _global_matrices(model)
     out["remora_experts"] = _expert_weights(model)
+    # the kept cycles (for the PEFT LoRA export of a whole run): every expert on every rank
+    out["cycle_layers"] = [sorted(c["matrices"]) for c in callbacks.callbacks[0].cycles]
     close_megatron()
     return portable(out)
 
@@ -274,6 +276,7 @@ def test_moe_layout_matches_ep1_tp1(reference, name, tmp_path):
         _close(value, ref["m_after_step"][key], f"M after one step of {key}")
 
     for r in results:
+        assert r["cycle_layers"] == ref["cycle_layers"] and len(ref["cycle_layers"]) == 2
         assert [m[:2] for m in r["merges"]] == [(2, 6.0), (4, 1.0)] and all(m[3] == 1.0 for m in r["merges"])
         for mine, theirs in zip(r["merges"], ref["merges"], strict=True):
             assert mine[2] == pytest.approx(theirs[2], rel=1e-5)
