@@ -186,7 +186,7 @@ def _peft_renamed(model: nn.Module, names: Sequence[str]) -> set[str]:
         return set()
     from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as families
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = {**families, "mixtral": "mixtral"}.get(model_type)
+    family = {**families, "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}.get(model_type)  # as PEFT extends it
     old_names = _PEFT_V4_EXPERT_NAMES.get(family, set())
     return {name for name in names if name.rpartition(".")[2] in old_names}
 
