@@ -44,7 +44,7 @@ from mora_dist.adapters.files import (
     write_adapter_dir,
 )
 from mora_dist.errors import MoRAConfigError
-from mora_dist.experts import ADAPTERS, MoRAExpertProjection, adapted_parameter
+from mora_dist.experts import ADAPTERS, adapted_parameter
 from mora_dist.lora import LoRALinear, lora_layers
 from mora_dist.model import mora_layers
 from mora_dist.operators import lora_factors
@@ -153,13 +153,14 @@ def _pad(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
 
 
 
-def _expert_module_keys(model: nn.Module) -> dict[str, str]:
-    """``{expert adapter name: the PEFT module path of its ParamWrapper}``: the block, plus one ``.base_layer``
+def _expert_module_keys(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """``{expert adapter name: the PEFT module path of its ParamWrapper}`` for the expert adapters among
+    ``names`` (``<block>.mora.<parameter>``, the block a module of ``model``): the block, plus one ``.base_layer``
     per adapted parameter the block registers after this one (PEFT wraps them in registration order)."""
     adapted: dict[str, list[str]] = {}
-    for name, layer in mora_layers(model):
-        if isinstance(layer, MoRAExpertProjection):
-            block, parameter = adapted_parameter(name)
+    for name in names:
+        block, parameter = adapted_parameter(name)
+        if block:
             adapted.setdefault(block, []).append(parameter)
     keys = {}
     for block, parameters in adapted.items():
@@ -230,7 +231,7 @@ def write_peft_lora(path: str | os.PathLike, terms: Mapping[str, Factors], *, mo
     :func:`save_peft_lora`."""
     combined = {name: combine(factors) for name, factors in terms.items()}
     rank = max(A.shape[-2] for A, _, _ in combined.values())
-    experts = _expert_module_keys(model)
+    experts = _expert_module_keys(model, list(terms))
     state: dict[str, torch.Tensor] = {}
     for name, (A, B, _) in combined.items():
         lora_A, lora_B = _lora_tensors(_pad(A, rank, -2), _pad(B, rank, -1))

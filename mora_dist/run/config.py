@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from mora_dist.config import MoRAConfig, resolve_mora_type
 from mora_dist.data.sources import hub_id, reads_like_hub
 from mora_dist.errors import MoRAConfigError
-from mora_dist.run.model_shape import GPTShape
+from mora_dist.run.model_shape import MOE_MODEL_TYPES, GPTShape
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -365,11 +365,13 @@ def _check_megatron_moe(cfg: RunConfig, out: list[str]) -> None:
     """Mixtures of experts on the megatron backend: megatron-native training, expert layout. Spec: §4."""
     m = cfg.model
     ep, etp, tp = m.expert_model_parallel_size, m.expert_tensor_parallel_size, m.tensor_model_parallel_size
-    moe = m.architecture != "llama"
-    if not moe:
+    shape = _pretrained_shape(m)
+    kind = m.architecture if shape is None else shape.model_type
+    if kind not in MOE_MODEL_TYPES:
         for key, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
             if value != 1:
-                out.append(f"model.{key}={value} needs experts: set model.architecture to 'mixtral' or 'qwen3_moe'")
+                out.append(f"model.{key}={value} needs experts: set model.architecture to 'mixtral' or 'qwen3_moe' "
+                           "(or give a mixture-of-experts model.pretrained)")
         return
     if m.backend != "megatron":
         if ep != 1 or etp != 1:
@@ -377,12 +379,10 @@ def _check_megatron_moe(cfg: RunConfig, out: list[str]) -> None:
                        "model.backend='megatron' only: remove them, or set model.backend='megatron'")
         return
     if cfg.deepspeed is not None:
-        out.append(f"model.architecture={m.architecture!r} on model.backend='megatron' trains with megatron-core's "
+        what = f"model.architecture={kind!r}" if shape is None else f"model.pretrained={m.pretrained!r} ({kind})"
+        out.append(f"{what} on model.backend='megatron' trains with megatron-core's "
                    "own DDP and optimizer (they reduce and shard expert weights over the expert groups): set "
                    "deepspeed=null")
-    if m.pretrained is not None:
-        out.append("model.pretrained with a mixture of experts on model.backend='megatron' is not supported yet: use "
-                   "model.backend='hf' for continual pretraining of a Hugging Face MoE checkpoint")
     if m.pipeline_model_parallel_size != 1:
         out.append(f"model.pipeline_model_parallel_size={m.pipeline_model_parallel_size} with experts is not "
                    "supported yet: use 1")
@@ -393,10 +393,21 @@ def _check_megatron_moe(cfg: RunConfig, out: list[str]) -> None:
         out.append(f"model.tensor_model_parallel_size={tp} with experts runs sequence parallel, which splits the "
                    f"data.seq_len - 1 = {positions} predicted positions over TP: set data.seq_len to 1 + a multiple "
                    f"of {tp} (e.g. {positions - positions % tp + tp + 1})")
-    experts = m.arch()["num_experts"]
+    experts = m.arch()["num_experts"] if shape is None else shape.num_experts
     if experts % ep:
-        out.append(f"model.num_experts={experts} is not divisible by model.expert_model_parallel_size={ep}: every "
+        field = "model.num_experts" if shape is None else f"model.pretrained={m.pretrained!r}: num_experts"
+        out.append(f"{field}={experts} is not divisible by model.expert_model_parallel_size={ep}: every "
                    "expert-parallel rank holds the same number of experts")
+
+
+def _pretrained_shape(m: ModelSection) -> GPTShape | None:
+    """The shape of ``model.pretrained`` where it reads as one (its problems are reported by the world checks)."""
+    if m.pretrained is None or not Path(m.pretrained, "config.json").is_file():
+        return None
+    try:
+        return GPTShape.from_pretrained(m.pretrained)
+    except MoRAConfigError:
+        return None
 
 
 def _check_restarts(cfg: RunConfig, out: list[str]) -> None:

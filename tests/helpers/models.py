@@ -1,7 +1,11 @@
 """Tiny Hugging Face models built offline from configs, with widths that do not divide the usual r_hat."""
 
+from pathlib import Path
+
 import torch
 import transformers
+
+from mora_dist.data import load_tokenizer
 
 TINY_VOCAB = 96
 
@@ -72,3 +76,32 @@ def tiny_moe(kind: str, *, std: float = 0.1, dtype: torch.dtype = torch.float32,
             if p.dim() >= 2 or "bias" in name:  # norms keep their ones
                 p.normal_(0.0, std)
     return model.to(dtype).eval()
+
+
+SHAKESPEARE_VOCAB = 2048  # the shipped tokenizer's size
+
+
+def save_tiny_checkpoint(path: Path, kind: str, tie: bool = False, **extra) -> Path:
+    """A two-layer Hugging Face ``kind`` (llama, qwen2, mixtral, qwen3_moe) saved with the Shakespeare tokenizer at
+    ``path``: norms and biases moved off their init, routers sharpened so tokens pick different experts."""
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[kind]
+    moe = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+           "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, head_dim=24)}
+    config = cls[0](**{**dict(vocab_size=SHAKESPEARE_VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              tie_word_embeddings=tie, rope_theta=5e5, rms_norm_eps=1e-5),
+                       **moe.get(kind, {}), **extra})
+    torch.manual_seed(0)
+    model = cls[1](config)
+    with torch.no_grad():  # norms and biases away from their init, so a swapped or dropped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            if name.endswith("mlp.gate.weight"):  # a router that picks different experts per token
+                p.mul_(20)
+    model.save_pretrained(str(path))
+    load_tokenizer("data/shakespeare/tokenizer.json").save_pretrained(str(path))
+    return path

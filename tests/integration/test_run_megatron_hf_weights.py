@@ -1,4 +1,4 @@
-"""Hugging Face <-> megatron-core weights (``mora_dist/run/hf_megatron.py``) and continual pretraining on the
+"""Hugging Face <-> megatron-core weights (``mora_dist/run/megatron/hf_weights.py``) and continual pretraining on the
 Megatron backend: a tiny local HF checkpoint loads into a ``GPTModel`` that computes the same logits, maps back
 unchanged, and the shipped ``configs/mora_cpt_biomed_megatron.json`` runs at toy size at TP = 2.
 Spec: §4.
@@ -18,25 +18,8 @@ import transformers
 
 from mora_dist.data import load_tokenizer
 from tests.helpers.launch import env, free_port, run, scalars
-
-VOCAB = 2048  # the shipped Shakespeare tokenizer's size
-
-
-def _save_tiny(path: Path, kind: str, tie: bool) -> Path:
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
-    config = cls[0](vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                    tie_word_embeddings=tie, rope_theta=5e5, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = cls[1](config)
-    with torch.no_grad():  # norms and biases away from their init, so a swapped or dropped one shows
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(path))
-    load_tokenizer("data/shakespeare/tokenizer.json").save_pretrained(str(path))
-    return path
+from tests.helpers.models import SHAKESPEARE_VOCAB as VOCAB
+from tests.helpers.models import save_tiny_checkpoint
 
 
 @pytest.fixture
@@ -58,22 +41,28 @@ def single_process_megatron(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", True)], ids=["llama-untied", "qwen2-tied-qkv-bias"])
-def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, tie, single_process_megatron):
+@pytest.mark.parametrize("kind,tie,extra", [
+    ("llama", False, {}), ("qwen2", True, {}), ("mixtral", False, {}),
+    ("qwen3_moe", False, {"norm_topk_prob": False}), ("qwen3_moe", True, {"norm_topk_prob": True})],
+    ids=["llama-untied", "qwen2-tied-qkv-bias", "mixtral", "qwen3-moe", "qwen3-moe-norm-topk-tied"])
+def test_hf_checkpoint_loads_into_gpt_and_maps_back_unchanged(tmp_path, kind, tie, extra, single_process_megatron):
     """TP = 1: the imported GPTModel's logits equal the Hugging Face model's (fp32, 1e-5), and the export mapping
     gives back the same HF model. Catches q/k/v interleaved per head instead of per query group, [up; gate],
-    a dropped q/k/v bias, a tied head loaded twice, the wrong norm eps or RoPE base."""
+    a dropped q/k/v bias, a tied head loaded twice, the wrong norm eps or RoPE base; for a mixture of experts,
+    experts permuted, gate and up swapped, Qwen3's q/k norms dropped, and routing by the wrong softmax (Mixtral
+    and Qwen3-MoE with ``norm_topk_prob`` renormalise the top-k weights, Qwen3-MoE without it does not)."""
     from mora_dist.run.config import RunConfig
     from mora_dist.run.megatron.export import megatron_to_hf
     from mora_dist.run.megatron.model import build_gpt, gpt_loss
 
-    base = _save_tiny(tmp_path / "base", kind, tie)
+    base = save_tiny_checkpoint(tmp_path / "base", kind, tie, **extra)
     cfg = RunConfig.model_validate({
         "model": {"backend": "megatron", "pretrained": str(base)}, "optimizer": {"lr": 1e-3},
         "data": {"sources": [{"name": "x", "path": "data/shakespeare/poems.txt.gz"}], "tokenizer": str(base),
                  "seq_len": 32},
         "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "micro_batch_size": 1,
                      "global_batch_size": 1},
+        **({"deepspeed": None} if extra or kind == "mixtral" else {}),  # experts train megatron-native
     })
     gpt = build_gpt(cfg, VOCAB).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
@@ -109,7 +98,7 @@ def test_megatron_continual_pretraining_config_runs_at_toy_size(tmp_path):
     evaluated before the first step equals the checkpoint's own (Hugging Face) loss on the same eval blocks, so
     the checkpoint was imported into the TP = 2 shards exactly; training lowers it; ``launch/export.py`` gives
     a Hugging Face model whose held-out losses are the ones the run logged at its last step."""
-    base = _save_tiny(tmp_path / "base", "llama", False)
+    base = save_tiny_checkpoint(tmp_path / "base", "llama", False)
     paragraphs = gzip.open("data/shakespeare/poems.txt.gz", "rt").read().split("\n\n")
     (tmp_path / "domain.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paragraphs if p.strip()))
     config = json.loads(Path("configs/mora_cpt_biomed_megatron.json").read_text())
@@ -158,7 +147,7 @@ def test_hf_to_megatron_tp2_to_hf_round_trip_keeps_logits(tmp_path):
     gather that is not the inverse of the import's split (e.g. [gate; up] gathered without partition stride 2,
     a shard order swapped, a merge that changes weights with a zero M). A split wrong the same way at import and
     export cancels here; the toy continual-pretraining test's step-0 loss catches that."""
-    base = _save_tiny(tmp_path / "base", "llama", False)
+    base = save_tiny_checkpoint(tmp_path / "base", "llama", False)
     config = json.loads(Path("configs/mora_cpt_biomed_megatron.json").read_text())
     config["model"].update(pretrained=str(base), dtype="float32")
     config["mora"].update(r=8)

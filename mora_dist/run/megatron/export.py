@@ -19,6 +19,7 @@ from torch import nn
 from mora_dist.adapters.files import PREFIX
 from mora_dist.adapters.peft_lora import peft_lora_terms, write_peft_lora
 from mora_dist.errors import MoRAConfigError
+from mora_dist.experts import ADAPTERS
 from mora_dist.model import mora_layers, set_mora_type, unload
 from mora_dist.parallel.layouts import plan_shard
 from mora_dist.run.checkpoint import read_model_states, read_run_config, saved_mora_type
@@ -115,18 +116,10 @@ def megatron_to_hf(model: nn.Module, cfg: RunConfig) -> nn.Module:
 
 
 
-def _refuse_moe(cfg: RunConfig, what: str) -> None:
-    if cfg.model.architecture != "llama":
-        raise MoRAConfigError(f"{what} of a megatron mixture-of-experts run (model.architecture="
-                              f"{cfg.model.architecture!r}) is not supported yet: export its adapter with "
-                              "--adapter-only (every expert under its global index)")
-
-
 def export_megatron_run(run_dir: str | os.PathLike, *, tag: str | None = None, adapter_only: bool = False):
     """The model ``launch/export.py`` saves: the TP = 1 adapted GPTModel for ``--adapter-only`` (its
-    ``save_mora`` writes global, TP-agnostic tensors), else the merged Hugging Face Llama (adapters folded)."""
-    if not adapter_only:
-        _refuse_moe(read_run_config(run_dir), "the merged Hugging Face export")
+    ``save_mora`` writes global, TP-agnostic tensors), else the merged Hugging Face twin (adapters folded; every
+    expert of a mixture of experts)."""
     cfg, model = load_megatron_run_tp1(run_dir, tag)
     if adapter_only:
         return model
@@ -142,6 +135,36 @@ _HF_PARTS = {
     "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.linear_fc2": ("mlp.down_proj",),
 }
+# An expert's linear becomes its slice of the fused Hugging Face expert parameter, rows in the same order
+# (fc1 as [gate; up] in both), so its LoRA terms move unchanged; experts.<ADAPTERS>.<parameter> is the name the
+# PEFT writer reads as a fused expert parameter.
+_HF_EXPERT_PARAMETERS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+
+
+def _fused_expert_terms(terms: dict[str, Any], num_experts: int) -> dict[str, Any]:
+    """The expert terms of ``terms`` (TP = 1, EP = 1 names) stacked per layer and projection into
+    ``{model.layers.<i>.mlp.experts.<ADAPTERS>.<parameter>: [(A: (E, r, k), B: (E, d, r))]}``.
+
+    Raises:
+        MoRAConfigError: some experts of a projection adapted and others not (PEFT adapts the fused parameter).
+    """
+    grouped: dict[str, dict[int, Any]] = {}
+    for name, factors in terms.items():
+        head, _, rest = name.partition(".mlp.experts.local_experts.")
+        expert, _, projection = rest.partition(".")
+        layer = head.removeprefix("decoder.layers.")
+        key = f"model.layers.{layer}.mlp.experts.{ADAPTERS}.{_HF_EXPERT_PARAMETERS[projection]}"
+        grouped.setdefault(key, {})[int(expert)] = factors
+    out = {}
+    for key, per_expert in grouped.items():
+        if sorted(per_expert) != list(range(num_experts)):
+            parameter = key.replace(f".{ADAPTERS}.", ".")
+            raise MoRAConfigError(f"--format peft-lora: only experts {sorted(per_expert)} of {parameter} are "
+                                  f"adapted; PEFT adapts all {num_experts} of a fused expert parameter: adapt every "
+                                  "expert or export the merged model")
+        columns = zip(*(per_expert[e] for e in range(num_experts)))  # the same cycles for every expert
+        out[key] = [(torch.stack([a for a, _ in col]), torch.stack([b for _, b in col])) for col in columns]
+    return out
 
 
 
@@ -157,7 +180,6 @@ def export_megatron_peft_lora(run_dir: str | os.PathLike, out: str | os.PathLike
 
     Spec: §2.5, §4.
     """
-    _refuse_moe(read_run_config(run_dir), "--format peft-lora")
     cfg, model = load_megatron_run_tp1(run_dir, tag)
     terms = peft_lora_terms(model, cycles=cycles)
     mora_bytes = sum(layer.r_hat**2 * 4 for _, layer in mora_layers(model))
@@ -169,8 +191,11 @@ def export_megatron_peft_lora(run_dir: str | os.PathLike, out: str | os.PathLike
     for name, factors in terms.items():
         rows[f"{name}.weight"] = torch.cat([B for _, B in factors], dim=1)  # (d, sum of ranks)
     hf_rows = hf_weights.megatron_to_hf(rows, shape)
-    hf_terms = {}
+    expert_terms = {name: f for name, f in terms.items() if ".mlp.experts.local_experts." in name}
+    hf_terms = _fused_expert_terms(expert_terms, shape.num_experts)
     for name, factors in terms.items():
+        if name in expert_terms:
+            continue
         layer, _, sub = name.removeprefix("decoder.layers.").partition(".")
         if not layer.isdigit() or sub not in _HF_PARTS:
             raise MoRAConfigError(f"--format peft-lora: adapted module {name!r} has no Hugging Face counterpart; "

@@ -61,20 +61,19 @@ class SequenceParallelRMSNorm(nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def moe_fields(cfg: RunConfig) -> dict[str, Any]:
-    """The ``TransformerConfig`` fields of the model section's mixture of experts (none for a dense model): top-k
-    of ``num_experts`` experts of width ``intermediate_size``, routed as the Hugging Face model of the same
-    architecture routes (Mixtral: softmax over the top-k logits; Qwen3-MoE: softmax over all, then top-k), the
+def moe_fields(cfg: RunConfig, shape: GPTShape) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields of the model's mixture of experts (none for a dense model): top-k of
+    ``num_experts`` experts, routed as the Hugging Face model of the same architecture routes (Mixtral: softmax over
+    the top-k logits; Qwen3-MoE: softmax over all, then top-k, unless its ``norm_topk_prob`` makes it Mixtral's), the
     load-balancing loss weighted by ``router_aux_loss_coef``; sequence parallelism at TP > 1."""
     m = cfg.model
-    if m.architecture == "llama":
+    if not shape.is_moe:
         return {}
-    a = m.arch()
     return dict(
-        num_moe_experts=a["num_experts"], moe_router_topk=a["num_experts_per_tok"],
-        moe_ffn_hidden_size=a["intermediate_size"], moe_router_pre_softmax=m.architecture == "qwen3_moe",
+        num_moe_experts=shape.num_experts, moe_router_topk=shape.experts_per_token,
+        moe_ffn_hidden_size=shape.moe_intermediate_size, moe_router_pre_softmax=shape.router_pre_softmax,
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=m.router_aux_loss_coef,
-        moe_token_dispatcher_type=m.moe_token_dispatcher_type, qk_layernorm=m.architecture == "qwen3_moe",
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type, qk_layernorm=shape.qk_layernorm,
         expert_model_parallel_size=m.expert_model_parallel_size,
         expert_tensor_parallel_size=m.expert_tensor_parallel_size,
         sequence_parallel=m.tensor_model_parallel_size > 1,
@@ -99,18 +98,22 @@ def layer_spec(config: Any) -> Any:
     return TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=SequenceParallelRMSNorm)
 
 
-def gpt_shape(cfg: RunConfig, vocab_size: int | None = None):
+def gpt_shape(cfg: RunConfig, vocab_size: int | None = None) -> GPTShape:
     """The model's :class:`~mora_dist.run.model_shape.GPTShape`: read from ``model.pretrained`` for
     continual pretraining, else from the model section (``vocab_size``: the tokenizer's, for new models)."""
     m = cfg.model
     if m.pretrained is not None:
         return GPTShape.from_pretrained(m.pretrained)
     a = m.arch()
+    moe = {}
+    if m.architecture != "llama":  # the Hugging Face backend's new Qwen3-MoE keeps norm_topk_prob=False
+        moe = dict(model_type=m.architecture, num_experts=a["num_experts"], experts_per_token=a["num_experts_per_tok"],
+                   moe_intermediate_size=a["intermediate_size"], router_pre_softmax=m.architecture == "qwen3_moe",
+                   qk_layernorm=m.architecture == "qwen3_moe")
     return GPTShape(hidden_size=a["hidden_size"], num_layers=a["num_layers"], num_heads=a["num_heads"],
                     num_kv_heads=a["num_kv_heads"], head_dim=a["hidden_size"] // a["num_heads"],
                     intermediate_size=a["intermediate_size"], vocab_size=vocab_size or m.vocab_size,
-                    rope_theta=m.rope_theta, norm_eps=1e-5, tie_word_embeddings=m.tie_word_embeddings)
-
+                    rope_theta=m.rope_theta, norm_eps=1e-5, tie_word_embeddings=m.tie_word_embeddings, **moe)
 
 
 def build_gpt(cfg: RunConfig, vocab_size: int) -> nn.Module:
@@ -148,7 +151,7 @@ def build_gpt_chunks(cfg: RunConfig, vocab_size: int) -> list[nn.Module]:
         pipeline_model_parallel_size=m.pipeline_model_parallel_size, virtual_pipeline_model_parallel_size=vpp,
         pipeline_dtype=dtype, params_dtype=torch.float32 if native else dtype,
         bf16=native and m.dtype == "bfloat16", hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
-        **moe_fields(cfg), **extra,
+        **moe_fields(cfg, shape), **extra,
     )
     torch.manual_seed(cfg.training.seed)
     chunks = []
@@ -162,8 +165,7 @@ def build_gpt_chunks(cfg: RunConfig, vocab_size: int) -> list[nn.Module]:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp,
         ))
     if m.pretrained is not None:  # one chunk: the config refuses model.pretrained with pipeline stages
-        load_hf_into_gpt(chunks[0], m.pretrained, shape, tp=m.tensor_model_parallel_size,
-                         rank=parallel_state.get_tensor_model_parallel_rank())
+        load_hf_into_gpt(chunks[0], m.pretrained, shape)
     apply_adapters(cfg, nn.ModuleList(chunks))  # a ModuleList of chunks reads as the model (chunks.py)
     return chunks
 
