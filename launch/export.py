@@ -75,12 +75,12 @@ def _check_format(cfg, run_dir: str, adapter_only: bool, fmt: str, since_start: 
 
 def _kept_cycles(run_dir: str, tag: str | None, cfg) -> list:
     """The merge cycles the ReMoRA / ReLoRA callback kept in checkpoint ``tag`` (``[]`` without restarts)."""
-    from mora_dist.run.checkpoint import read_model_states
+    from mora_dist.run.checkpoint import read_client_state
     from mora_dist.training.callbacks import CLIENT_STATE_KEY
 
     if cfg.remora is None and cfg.relora is None:
         return []
-    for key, state in read_model_states(run_dir, tag).get(CLIENT_STATE_KEY, {}).items():
+    for key, state in read_client_state(run_dir, tag).get(CLIENT_STATE_KEY, {}).items():
         if key.endswith((":ReMoRACallback", ":ReLoRACallback")):
             cycles = state.get("cycles", [])
             if len(cycles) != len(state["merged_steps"]):

@@ -184,6 +184,21 @@ def read_model_states(run_dir: str | os.PathLike, tag: str | None = None, *, mp_
     return states
 
 
+def read_client_state(run_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
+    """The loop's client state in checkpoint ``tag`` (default: ``latest``): DeepSpeed's model-states file, or the
+    common state of a megatron-native checkpoint (``deepspeed: null``)."""
+    if read_run_config(run_dir).deepspeed is not None:
+        return read_model_states(run_dir, tag)
+    from mora_dist.training import dist_checkpoint  # loads megatron-core: megatron-native runs only
+
+    ckpt = Path(run_dir) / "checkpoints"
+    tag = tag or latest_tag(ckpt)
+    if tag is None or not (ckpt / tag).is_dir():
+        raise FileNotFoundError(f"{ckpt} holds no checkpoint {tag!r}; tags there: "
+                                f"{[d.name for _, d in list_checkpoints(ckpt)]}")
+    return dist_checkpoint.read_client_state(ckpt / tag)
+
+
 def read_fp32_masters(run_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
     """The optimizer's fp32 masters of the trainable parameters of a bf16/fp16 ZeRO 1-3 checkpoint, keyed like
     the module state dict (``{}`` for an fp32 run, whose module copy is its master).

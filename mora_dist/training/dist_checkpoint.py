@@ -216,6 +216,14 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, engine: Any, callbacks: C
     return client_state
 
 
+def read_client_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The client state :func:`save_checkpoint` stored in ``checkpoint_dir``, read without a model or a process
+    group (what an export needs of the run: the MoRA type reached, the kept merge cycles)."""
+    from megatron.core import dist_checkpointing  # megatron-core is heavy: loaded only where megatron is used
+
+    return dict(dist_checkpointing.load_common_state_dict(str(checkpoint_dir)).get(CLIENT_STATE_KEY, {}))
+
+
 def _model_state(state: dict[str, Any]) -> dict[str, Any]:
     """What megatron's ``optimizer.sharded_state_dict`` walks to find each parameter's sharded tensor."""
     return {key: value for key, value in state.items() if key.startswith("model")}
