@@ -30,6 +30,7 @@ from mora_dist.parallel.chunks import (
     model_chunks,
     named_modules,
     pipeline_group,
+    refuse_expert_modules_to_save,
     sum_over,
     tensor_group,
     unmatched_everywhere,
@@ -86,8 +87,9 @@ def apply_mora(model: Model, config: MoRAConfig) -> Model:
                                           unmatched_everywhere=agree)
     targets += [name for name in named_params if name not in targets]
     to_save = plan_modules_to_save(named, config.modules_to_save, unmatched_everywhere=agree)
-    where = {name: (chunk, local) for name, _, chunk, local in index}
     modules = dict(named)
+    refuse_expert_modules_to_save(modules, to_save)
+    where = {name: (chunk, local) for name, _, chunk, local in index}
     layer_names = [name for name in targets if name in modules]
     wrappers = {name: wrapper_class(modules[name], name) for name in layer_names}
     plan = [(name, layer_r_hat(*wrappers[name].global_features(modules[name]), config, name)) for name in layer_names]

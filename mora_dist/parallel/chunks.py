@@ -22,7 +22,7 @@ Spec: §4.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -143,6 +143,20 @@ def check_supported(model: nn.Module | Sequence[nn.Module], exclude_modules: Seq
             raise MoRAConfigError(
                 f"mtp_num_layers={config.mtp_num_layers}: multi-token-prediction layers are not supported; build "
                 "the model without them"
+            )
+
+
+def refuse_expert_modules_to_save(modules: Mapping[str, nn.Module], to_save: Sequence[str]) -> None:
+    """Refuse a ``modules_to_save`` entry holding megatron-core expert linears (``is_expert``: split over expert
+    TP and EP, reduced over the expert data-parallel group): a fully trained module's saved tensors are gathered
+    over the dense TP group, which is not the experts'. Refused at every layout, so a config does not change
+    meaning with the cluster. Spec: §4."""
+    for name in to_save:
+        if any(getattr(m, "is_expert", False) for m in modules[name].modules()):
+            raise MoRAConfigError(
+                f"modules_to_save: {name!r} holds megatron-core expert weights, which cannot be trained whole yet "
+                "(their saved tensors would be gathered over the dense TP group, not the expert groups); adapt the "
+                "experts with target_modules instead, or leave them out of modules_to_save"
             )
 
 

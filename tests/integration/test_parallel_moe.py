@@ -343,6 +343,8 @@ def _refusals_worker(etp: int):
     attempt("grouped_excluded", model, MoRAConfig(r_hat=R_HAT, target_modules=TARGETS,
                                                   exclude_modules=["*layers.1.mlp.experts*"]))
     errors["adapted"] = type(model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1).__name__
+    attempt("expert_to_save", moe_gpt(1, 1, 1), MoRAConfig(r_hat=R_HAT, target_modules=TARGETS,
+                                                           modules_to_save=["*local_experts.1.linear_fc2"]))
     close_megatron()
     return errors
 
@@ -350,8 +352,8 @@ def _refusals_worker(etp: int):
 @pytest.mark.slow
 def test_unsupported_moe_layouts_are_refused_by_name():
     """Grouped-GEMM experts (unless excluded), a token dispatcher other than alltoall/allgather, overlapped shared
-    experts, and an expert TP size that is neither 1 nor the dense TP size raise a ``MoRAConfigError`` naming the
-    option, before any layer is wrapped."""
+    experts, an expert module in ``modules_to_save``, and an expert TP size that is neither 1 nor the dense TP
+    size raise a ``MoRAConfigError`` naming the option, before any layer is wrapped."""
     (errors,) = run_workers(_refusals_worker, 1, 1)
     assert "moe_token_dispatcher_type='flex'" in errors["moe_token_dispatcher_type"]
     assert "moe_shared_expert_overlap=True" in errors["moe_shared_expert_overlap"]
@@ -360,5 +362,7 @@ def test_unsupported_moe_layouts_are_refused_by_name():
     assert errors["grouped_excluded"] is None
     assert errors["after_refusal"] == "ColumnParallelLinear"  # refused before any layer was wrapped
     assert errors["adapted"] == "MoRAColumnParallelLinear"  # the run that excludes them adapts layer 0's experts
+    assert "modules_to_save: 'decoder.layers.0.mlp.experts.local_experts.1.linear_fc2' holds megatron-core expert" \
+        in errors["expert_to_save"]
     (errors, _) = run_workers(_refusals_worker, 2, 2)
     assert "expert_tensor_parallel_size=2 with tensor_model_parallel_size=1" in errors["expert_tp"]
