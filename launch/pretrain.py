@@ -92,17 +92,19 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, int]:
 def check_plan(args: argparse.Namespace, cfg: RunConfig) -> int:
     """``--check``: print each rank's memory and communication plan (:mod:`mora_dist.run.plan`); 3 when
     ``--gpu-memory`` is given and the run does not fit, 2 on a bad flag."""
-    from mora_dist.run.plan import parse_memory, plan_hf
+    from mora_dist.run.plan import parse_memory, plan_hf, render_expert_layout
 
     try:
         gpu = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.model.backend != "hf":
             if gpu is not None or args.nodes is not None:
                 raise RunConfigError(f"--gpu-memory / --nodes: the memory plan covers model.backend='hf' only; "
                                      f"drop them for backend={cfg.model.backend!r}")
+            if cfg.model.is_moe():
+                print(render_expert_layout(cfg, world))
             print(f"memory plan: not available for backend={cfg.model.backend!r} (it covers backend='hf')")
             return 0
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         plan = plan_hf(cfg, world, args.nodes or 1)
     except MoRAConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

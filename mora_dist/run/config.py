@@ -73,6 +73,13 @@ class ModelSection(_Section):
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     gradient_checkpointing: bool = False
 
+    def is_moe(self) -> bool:
+        """A mixture of experts: ``architecture`` mixtral / qwen3_moe, or such a ``pretrained`` checkpoint."""
+        if self.pretrained is None:
+            return self.architecture != "llama"
+        shape = _pretrained_shape(self)
+        return shape is not None and shape.is_moe
+
     def arch(self) -> dict[str, int]:
         """Architecture with defaults filled in (new models only; experts: 8, top-2, as Mixtral)."""
         return {

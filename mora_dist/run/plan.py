@@ -40,6 +40,7 @@ from mora_dist.merge import RESIDUAL
 from mora_dist.run.build import apply_adapters
 from mora_dist.run.config import TORCH_DTYPES, RunConfig, RunConfigError
 from mora_dist.run.hf import new_model_config
+from mora_dist.run.model_shape import GPTShape
 
 GIB = 2**30
 DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default
@@ -257,6 +258,34 @@ def plan_hf(cfg: RunConfig, world: int, nodes: int = 1, inv: Inventory | None = 
         dp = ring * t16 * accum + 2 * ring * every * accum  # weights gathered in forward and in backward
     comm = {"data parallel": int(dp), "tensor parallel": 0, "pipeline parallel": 0, "expert parallel": 0}
     return Plan(world=world, nodes=nodes, zero_stage=stage, memory=memory, comm=comm)
+
+
+def expert_ranks(world: int, tp: int, ep: int, etp: int, num_experts: int) -> list[dict[str, int]]:
+    """Per global rank (one pipeline stage), its place in megatron-core's default rank order: dense layers TP
+    fastest then DP; experts expert TP fastest, then EP, then expert DP; the experts ``first .. first + count - 1``
+    its EP rank holds (``local_experts.0 ..``). Spec: §4."""
+    count = num_experts // ep
+    return [{"rank": g, "tp_rank": g % tp, "dp_rank": g // tp, "etp_rank": g % etp, "ep_rank": (g // etp) % ep,
+             "edp_rank": g // (etp * ep), "first_expert": (g // etp) % ep * count, "experts": count}
+            for g in range(world)]
+
+
+def render_expert_layout(cfg: RunConfig, world: int) -> str:
+    """``--check`` for a megatron mixture of experts: which experts each rank holds and in which groups."""
+    m = cfg.model
+    shape = GPTShape.from_pretrained(m.pretrained) if m.pretrained is not None else None
+    experts = shape.num_experts if shape is not None else m.arch()["num_experts"]
+    tp, ep, etp = m.tensor_model_parallel_size, m.expert_model_parallel_size, m.expert_tensor_parallel_size
+    lines = [f"expert layout: {experts} experts over {world} ranks: EP {ep} x expert TP {etp} x expert DP "
+             f"{world // (ep * etp)} (dense layers: TP {tp} x DP {world // tp}); "
+             f"{m.moe_token_dispatcher_type} dispatcher"]
+    share = "whole" if etp == 1 else f"1/{etp} of each"
+    for r in expert_ranks(world, tp, ep, etp, experts):
+        last = r["first_expert"] + r["experts"] - 1
+        lines.append(f"  rank {r['rank']}: TP rank {r['tp_rank']}, DP rank {r['dp_rank']} | EP rank {r['ep_rank']}: "
+                     f"experts {r['first_expert']}-{last} ({share}, expert TP rank {r['etp_rank']}), "
+                     f"expert DP rank {r['edp_rank']}")
+    return "\n".join(lines)
 
 
 def parse_memory(text: str) -> int:

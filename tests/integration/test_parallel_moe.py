@@ -366,3 +366,26 @@ def test_unsupported_moe_layouts_are_refused_by_name():
         in errors["expert_to_save"]
     (errors, _) = run_workers(_refusals_worker, 2, 2)
     assert "expert_tensor_parallel_size=2 with tensor_model_parallel_size=1" in errors["expert_tp"]
+
+
+def _layout_worker(tp: int, ep: int, etp: int):
+    from megatron.core import parallel_state as ps
+
+    init_megatron(tp, ep=ep, etp=etp)
+    here = {"rank": torch.distributed.get_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "dp_rank": ps.get_data_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
+            "ep_rank": ps.get_expert_model_parallel_rank(), "edp_rank": ps.get_expert_data_parallel_rank()}
+    close_megatron()
+    return here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,ep,etp", [(2, 2, 1), (2, 2, 2)])
+def test_check_expert_layout_is_megatrons(tp, ep, etp):
+    """``--check``'s expert layout (:func:`mora_dist.run.plan.expert_ranks`) is the one megatron-core's
+    parallel state builds on 4 ranks: dense TP / DP ranks, expert TP, EP and expert DP ranks."""
+    from mora_dist.run.plan import expert_ranks
+
+    planned = [{k: v for k, v in r.items() if k not in ("first_expert", "experts")}
+               for r in expert_ranks(4, tp, ep, etp, num_experts=4)]
+    assert run_workers(_layout_worker, 4, tp, ep, etp) == planned
