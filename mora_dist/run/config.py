@@ -408,8 +408,9 @@ def _check_megatron_moe(cfg: RunConfig, out: list[str]) -> None:
 
 
 def _pretrained_shape(m: ModelSection) -> GPTShape | None:
-    """The shape of ``model.pretrained`` where it reads as one (its problems are reported by the world checks)."""
-    if m.pretrained is None or not Path(m.pretrained, "config.json").is_file():
+    """The shape of ``model.pretrained`` on the megatron backend, where it reads as one (its problems are reported
+    by the world checks); the Hugging Face backend reads any checkpoint transformers reads."""
+    if m.backend != "megatron" or m.pretrained is None or not Path(m.pretrained, "config.json").is_file():
         return None
     try:
         return GPTShape.from_pretrained(m.pretrained)

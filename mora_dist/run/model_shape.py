@@ -60,6 +60,11 @@ class GPTShape:
         if kind not in SUPPORTED_MODEL_TYPES:
             raise MoRAConfigError(f"{where}: model_type={kind!r} cannot be imported into the Megatron backend "
                                   f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); use model.backend='hf'")
+        lacking = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                               "vocab_size") if k not in c]
+        if lacking:
+            raise MoRAConfigError(f"{where}: config.json lacks {', '.join(lacking)}: give a checkpoint saved by "
+                                  "transformers' save_pretrained")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         problems = {
             "hidden_act": (c.get("hidden_act", "silu"), "silu"),
