@@ -24,6 +24,10 @@ from tests.helpers.parallel_setup import close_megatron, init_megatron, portable
 from tests.helpers.workers import run_workers
 
 BATCH, SEQ, R_HAT = 4, 8, 8
+# Adam's first step moves M by lr g / (|g| + eps): near |g| ~ eps it magnifies a gradient's float32 rounding (the
+# layouts sum in different orders) about 1 / (4 eps) = 250 times, so M after a step is compared more loosely than
+# the gradients it came from (1e-5), which already catch a dropped or doubled reduction.
+POST_STEP = {"rtol": 1e-4, "atol": 1e-5}
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 LAYOUTS = {  # name: (world, tp, ep, etp, dispatcher)
     "ep2": (2, 1, 2, 1, "alltoall"),
@@ -268,12 +272,12 @@ def test_moe_layout_matches_ep1_tp1(reference, name, tmp_path):
         assert r["counts"] == ref["counts"]
         assert set(r["adapter"]) == set(ref["adapter"])
         for key, value in r["adapter"].items():
-            _close(value, ref["adapter"][key], f"adapter tensor {key}")
+            _close(value, ref["adapter"][key], f"adapter tensor {key}", **POST_STEP)
     for r in results:  # megatron's clip coefficient: every expert M counted once, whatever the dense TP rank
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
         assert r["remora_grad_norms"] == pytest.approx(ref["remora_grad_norms"], rel=1e-5)
     for key, value in _union(results, "m_after_step").items():
-        _close(value, ref["m_after_step"][key], f"M after one step of {key}")
+        _close(value, ref["m_after_step"][key], f"M after one step of {key}", **POST_STEP)
 
     for r in results:
         assert r["cycle_layers"] == ref["cycle_layers"] and len(ref["cycle_layers"]) == 2
@@ -368,24 +372,33 @@ def test_unsupported_moe_layouts_are_refused_by_name():
     assert "expert_tensor_parallel_size=2 with tensor_model_parallel_size=1" in errors["expert_tp"]
 
 
-def _layout_worker(tp: int, ep: int, etp: int):
+def _layout_worker(layouts):
     from megatron.core import parallel_state as ps
 
-    init_megatron(tp, ep=ep, etp=etp)
-    here = {"rank": torch.distributed.get_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-            "dp_rank": ps.get_data_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
-            "ep_rank": ps.get_expert_model_parallel_rank(), "edp_rank": ps.get_expert_data_parallel_rank()}
-    close_megatron()
-    return here
+    out = []
+    for i, (tp, ep, etp) in enumerate(layouts):
+        if i == 0:  # the process group too
+            init_megatron(tp, ep=ep, etp=etp)
+        else:
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                         expert_tensor_parallel_size=etp)
+        out.append({"rank": torch.distributed.get_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+                    "dp_rank": ps.get_data_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
+                    "ep_rank": ps.get_expert_model_parallel_rank(), "edp_rank": ps.get_expert_data_parallel_rank()})
+        close_megatron()
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,ep,etp", [(2, 2, 1), (2, 2, 2)])
-def test_check_expert_layout_is_megatrons(tp, ep, etp):
+def test_check_expert_layout_is_megatrons():
     """``--check``'s expert layout (:func:`mora_dist.run.plan.expert_ranks`) is the one megatron-core's
-    parallel state builds on 4 ranks: dense TP / DP ranks, expert TP, EP and expert DP ranks."""
+    parallel state builds on 4 ranks (TP 2 x EP 2, expert TP 1 and 2): dense TP / DP ranks, expert TP, EP and
+    expert DP ranks."""
     from mora_dist.run.plan import expert_ranks
 
-    planned = [{k: v for k, v in r.items() if k not in ("first_expert", "experts")}
-               for r in expert_ranks(4, tp, ep, etp, num_experts=4)]
-    assert run_workers(_layout_worker, 4, tp, ep, etp) == planned
+    layouts = [(2, 2, 1), (2, 2, 2)]
+    got = run_workers(_layout_worker, 4, layouts)
+    for i, (tp, ep, etp) in enumerate(layouts):
+        planned = [{k: v for k, v in r.items() if k not in ("first_expert", "experts")}
+                   for r in expert_ranks(4, tp, ep, etp, num_experts=4)]
+        assert [rank[i] for rank in got] == planned, (tp, ep, etp)

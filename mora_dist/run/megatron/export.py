@@ -188,10 +188,11 @@ def export_megatron_peft_lora(run_dir: str | os.PathLike, out: str | os.PathLike
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     shape = gpt_shape(cfg)
     rows = dict(sd)
-    for name, factors in terms.items():
-        rows[f"{name}.weight"] = torch.cat([B for _, B in factors], dim=1)  # (d, sum of ranks)
-    hf_rows = hf_weights.megatron_to_hf(rows, shape)
     expert_terms = {name: f for name, f in terms.items() if ".mlp.experts.local_experts." in name}
+    for name, factors in terms.items():
+        if name not in expert_terms:  # experts' rows need no mapping: _fused_expert_terms
+            rows[f"{name}.weight"] = torch.cat([B for _, B in factors], dim=1)  # (d, sum of ranks)
+    hf_rows = hf_weights.megatron_to_hf(rows, shape)
     hf_terms = _fused_expert_terms(expert_terms, shape.num_experts)
     for name, factors in terms.items():
         if name in expert_terms:
