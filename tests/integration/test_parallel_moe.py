@@ -9,8 +9,8 @@ parallel 4, so each expert's ``M`` gradient is reduced over an expert data-paral
   (dense, shared-expert and per-expert) ``M`` gradient after DDP's reduction, and ``M`` after an Adam step;
 - five steps of ReMoRA (merges at 2 and 4, types 6 -> 1) under DDP + the distributed optimizer: losses,
   gradient norms, ``||dW||`` of each merge, ``M`` and every merged expert weight at the end;
-- its ``dist_checkpointing`` checkpoint of step 3, resumed at EP = 1, TP = 1: steps 4 and 5 as the
-  uninterrupted EP = 1 run.
+- (TP 2 x EP 2, expert TP 1 only) its ``dist_checkpointing`` checkpoint of step 3, resumed at EP = 1, TP = 1:
+  steps 4 and 5 as the uninterrupted EP = 1 run.
 
 Spec: §4, §5.
 """
@@ -28,6 +28,7 @@ BATCH, SEQ, R_HAT = 4, 8, 8
 # layouts sum in different orders) about 1 / (4 eps) = 250 times, so M after a step is compared more loosely than
 # the gradients it came from (1e-5), which already catch a dropped or doubled reduction.
 POST_STEP = {"rtol": 1e-4, "atol": 1e-5}
+RESUMED_LAYOUT = "tp2_ep2_etp1"  # the one layout whose step-3 checkpoint is resumed at EP 1 x TP 1
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 LAYOUTS = {  # name: (world, tp, ep, etp, dispatcher)
     "ep2": (2, 1, 2, 1, "alltoall"),
@@ -253,8 +254,9 @@ def test_moe_layout_matches_ep1_tp1(reference, name, tmp_path):
     reduction changes the expert ``M`` gradients (``ep2_dp4``: expert DP = 2); a merge that reset expert ``M`` or
     its Adam moments on one rank only changes the step after the merge. The checkpoint written after step 3
     resumes at EP = 1, TP = 1 onto the same steps 4 and 5 (a lost expert shard of ``M``, of its moments or of the
-    merge residual, or experts renumbered by rank, would change them)."""
-    folder = str(tmp_path / "step3")
+    merge residual, or experts renumbered by rank, would change them): checked for the layout that reshards the
+    most (dense TP 2 -> 1 beside EP 2 -> 1 at expert TP 1), once, to keep the suite's time."""
+    folder = str(tmp_path / "step3") if name == RESUMED_LAYOUT else None
     results = [restore(r) for r in run_workers(_worker, LAYOUTS[name][0], name, folder)]
     ref = reference
     if name == "ep2_dp4":
@@ -293,6 +295,8 @@ def test_moe_layout_matches_ep1_tp1(reference, name, tmp_path):
     for key, value in merged.items():
         _close(value, ref["remora_experts"][key], f"merged expert weight {key}")
 
+    if folder is None:
+        return
     (resumed,) = run_workers(_resume_worker, 1, folder)
     resumed = restore(resumed)
     assert resumed["loaded_step"] == 3
